@@ -1,0 +1,60 @@
+"""Names shared by every side: actions of the `vm` actor, events, agents, worker phases."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+ACTOR_KIND_VM = "vm"
+"""The one built-in actor kind (the agentOS quickstart uses `client.vm.getOrCreate(...)`)."""
+
+ACTOR_KINDS = frozenset({ACTOR_KIND_VM})
+
+
+class ActionName(StrEnum):
+    CREATE_SESSION = "createSession"
+    SEND_PROMPT = "sendPrompt"
+    CANCEL_PROMPT = "cancelPrompt"
+    CLOSE_SESSION = "closeSession"
+    LIST_SESSIONS = "listSessions"
+    GET_SESSION_EVENTS = "getSessionEvents"
+    REPLAY_EVENTS = "replayEvents"
+    RESPOND_PERMISSION = "respondPermission"
+    READ_FILE = "readFile"
+    WRITE_FILE = "writeFile"
+    READDIR = "readdir"
+    STAT = "stat"
+    MKDIR = "mkdir"
+    EXISTS = "exists"
+    DELETE_FILE = "deleteFile"
+    EXEC = "exec"
+    GET_RUNTIME_HEALTH = "getRuntimeHealth"
+
+
+class EventName(StrEnum):
+    SESSION_EVENT = "sessionEvent"
+    PERMISSION_REQUEST = "permissionRequest"
+    PERMISSION_RESOLVED = "permissionResolved"
+    VM_BOOTED = "vmBooted"
+    VM_SHUTDOWN = "vmShutdown"
+
+
+class AgentType(StrEnum):
+    LOCAL = "local"
+    CLAUDE = "claude"
+
+
+class WorkerPhase(StrEnum):
+    """What a worker reports about its VM in `phase` messages."""
+
+    STARTING = "starting"
+    BOOTING = "booting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+class ShutdownReason(StrEnum):
+    SLEEP = "sleep"
+    DESTROY = "destroy"
+    CRASH = "crash"
+    HANG = "hang"
+    ERROR = "error"

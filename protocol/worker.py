@@ -1,0 +1,166 @@
+"""Supervisor ⇄ worker messages (PROTOCOL.md §6): one CBOR map per ZeroMQ frame, key `t`.
+
+Worker → supervisor: `hello`, `heartbeat`, `phase`, `event`, `reply`.
+Supervisor → worker: `action`, `heartbeat`, `sleep`, `shutdown`.
+
+Only the shapes live here. Ordering guarantees (a reply never overtakes the events its
+action produced) are the worker's job: it sends both on one socket, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cbor2
+
+from .errors import ActorvisorError, ProtocolError
+
+WORKER_PROTOCOL_VERSION: Final = 1
+MAX_WORKER_MESSAGE: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    actor_id: str
+    pid: int
+    epoch: str | None = None
+    last_seq: int = 0
+    v: int = WORKER_PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    phase: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    """A durable event, already committed to the worker's SQLite log."""
+
+    seq: int
+    epoch: str
+    name: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: int
+    ok: bool
+    value: Any = None
+    error: ActorvisorError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    id: int
+    name: str
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+WorkerToSupervisor = Hello | Heartbeat | Phase | WorkerEvent | Reply
+SupervisorToWorker = Action | Heartbeat | Sleep | Shutdown
+WorkerMessage = WorkerToSupervisor | SupervisorToWorker
+
+
+def encode(msg: WorkerMessage) -> bytes:
+    """Encode one worker-channel message as a CBOR map."""
+    body: dict[str, Any]
+    match msg:
+        case Hello():
+            body = {"t": "hello", "v": msg.v, "actorId": msg.actor_id, "pid": msg.pid,
+                    "epoch": msg.epoch, "lastSeq": msg.last_seq}
+        case Heartbeat():
+            body = {"t": "heartbeat"}
+        case Phase():
+            body = {"t": "phase", "phase": msg.phase, "detail": msg.detail}
+        case WorkerEvent():
+            body = {"t": "event", "seq": msg.seq, "epoch": msg.epoch, "name": msg.name,
+                    "payload": msg.payload}
+        case Reply():
+            body = {"t": "reply", "id": msg.id, "ok": msg.ok}
+            if msg.ok:
+                body["value"] = msg.value
+            else:
+                assert msg.error is not None
+                body["error"] = msg.error.to_dict()
+        case Action():
+            body = {"t": "action", "id": msg.id, "name": msg.name, "args": msg.args}
+        case Sleep():
+            body = {"t": "sleep"}
+        case Shutdown():
+            body = {"t": "shutdown"}
+    return cbor2.dumps(body)
+
+
+def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"worker message {body.get('t')!r}: field {key!r} is missing or mistyped")
+    return value
+
+
+def decode(data: bytes) -> WorkerMessage:
+    """Decode one worker-channel frame. Raises `ProtocolError` and nothing else."""
+    if len(data) > MAX_WORKER_MESSAGE:
+        raise ProtocolError("worker message too large")
+    try:
+        body = cbor2.loads(data)
+    except Exception as exc:
+        raise ProtocolError(f"worker message is not valid CBOR: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("worker message is not a CBOR map")
+    match body.get("t"):
+        case "hello":
+            epoch = body.get("epoch")
+            return Hello(
+                actor_id=_field(body, "actorId", str),
+                pid=_field(body, "pid", int),
+                epoch=epoch if isinstance(epoch, str) else None,
+                last_seq=body.get("lastSeq") if isinstance(body.get("lastSeq"), int) else 0,
+                v=_field(body, "v", int),
+            )
+        case "heartbeat":
+            return Heartbeat()
+        case "phase":
+            detail = body.get("detail")
+            return Phase(_field(body, "phase", str), detail if isinstance(detail, dict) else {})
+        case "event":
+            return WorkerEvent(
+                seq=_field(body, "seq", int),
+                epoch=_field(body, "epoch", str),
+                name=_field(body, "name", str),
+                payload=_field(body, "payload", dict),
+            )
+        case "reply":
+            ok = _field(body, "ok", bool)
+            if ok:
+                return Reply(_field(body, "id", int), True, body.get("value"))
+            return Reply(_field(body, "id", int), False,
+                         error=ActorvisorError.from_dict(body.get("error")))
+        case "action":
+            return Action(_field(body, "id", int), _field(body, "name", str),
+                          _field(body, "args", list))
+        case "sleep":
+            return Sleep()
+        case "shutdown":
+            return Shutdown()
+        case other:
+            raise ProtocolError(f"unknown worker message type {other!r:.50}")
