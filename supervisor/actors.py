@@ -1,0 +1,407 @@
+"""Actors: the registry and the one state machine that decides when workers run.
+
+Every state change goes through `Actor.transition`, and every worker exit through
+`ActorManager._on_exit`, which reaps the child. Actions are handed to a worker the moment
+it has said `hello`; before that they wait in a bounded queue, so nothing here ever
+awaits a worker on behalf of a connection being opened.
+
+    stopped ──spawn──▶ spawning ──hello──▶ booting ──phase ready──▶ ready
+       ▲                   │                  │                       │
+       │                   └──────exit────────┴──────────exit─────────┴──▶ crashed
+       └─────────────── stopping ◀── sleep / shutdown                       │
+                                                                restart budget spent
+                                                                            ▼
+                                                                          failed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from protocol import worker as wire
+from protocol.errors import ActorvisorError, ErrorCode
+from protocol.names import ACTOR_KINDS, ActionName, ShutdownReason, WorkerPhase
+
+from .config import Config
+from .relay import ActorRelay
+from .spawner import Spawner, WorkerProcess, WorkerSpec
+
+log = structlog.get_logger("supervisor.actors")
+
+MAX_KEY_BYTES = 512
+RESTART_INTENSITY = 5
+RESTART_PERIOD = 60.0
+
+
+class ActorState(StrEnum):
+    STOPPED = "stopped"
+    SPAWNING = "spawning"
+    BOOTING = "booting"
+    READY = "ready"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+    FAILED = "failed"
+
+
+def actor_id_for(name: str, key: str) -> str:
+    """Actor ids are derived from name + key, so they survive a supervisor restart."""
+    return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()[:24]
+
+
+def validate_key(key: str) -> None:
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ActorvisorError(ErrorCode.INVALID_KEY, f"actor key is longer than {MAX_KEY_BYTES} bytes")
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in key):
+        raise ActorvisorError(ErrorCode.INVALID_KEY, "actor key contains control characters")
+
+
+def validate_name(name: str) -> None:
+    if name not in ACTOR_KINDS:
+        kinds = ", ".join(sorted(ACTOR_KINDS))
+        raise ActorvisorError(ErrorCode.ACTOR_NOT_FOUND,
+                              f"no actor kind named {name[:64]!r}; this service hosts: {kinds}")
+
+
+@dataclass(eq=False)
+class Actor:
+    id: str
+    name: str
+    key: str
+    dir: Path
+    relay: ActorRelay
+    created_at: float = field(default_factory=time.time)
+    state: ActorState = ActorState.STOPPED
+    phase: str | None = None
+    proc: WorkerProcess | None = None
+    hello: bool = False
+    generation: int = 0
+    restarts: deque[float] = field(default_factory=deque)
+    pending: deque[wire.Action] = field(default_factory=deque)
+    inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    connections: set[Any] = field(default_factory=set)
+    started_at: float | None = None
+    last_seen: float = 0.0
+    stop_reason: ShutdownReason | None = None
+    exit_task: asyncio.Task[None] | None = None
+
+    def transition(self, new: ActorState, **why: Any) -> None:
+        if new is self.state:
+            return
+        log.info("actor_state", actor=self.id, key=self.key, old=self.state.value,
+                 new=new.value, **why)
+        self.state = new
+
+    @property
+    def running(self) -> bool:
+        return self.state in (ActorState.SPAWNING, ActorState.BOOTING, ActorState.READY,
+                              ActorState.STOPPING)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "actorId": self.id,
+            "name": self.name,
+            "key": self.key,
+            "state": self.state.value,
+            "phase": self.phase,
+            "pid": self.proc.pid if self.proc else None,
+            "generation": self.generation,
+            "restarts": len(self.restarts),
+            "connections": len(self.connections),
+            "subscribers": self.relay.subscriber_count(),
+            "pendingActions": len(self.pending),
+            "inflightActions": len(self.inflight),
+            "eventsSeq": self.relay.last_seq,
+            "eventsRelayed": self.relay.events_relayed,
+            "uptimeMs": int((time.monotonic() - self.started_at) * 1000) if self.started_at and self.running else 0,
+            "lastHeartbeatAgeMs": int((time.monotonic() - self.last_seen) * 1000) if self.hello else None,
+        }
+
+
+class ActorManager:
+    def __init__(self, config: Config, spawner: Spawner, endpoint: str,
+                 send: Callable[[str, wire.SupervisorToWorker], bool]) -> None:
+        self._config = config
+        self._spawner = spawner
+        self._endpoint = endpoint
+        self._send = send
+        self._actors: dict[str, Actor] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+        self.actions_total = 0
+
+    # ---- registry ------------------------------------------------------------------
+
+    @property
+    def actors_dir(self) -> Path:
+        return self._config.state_dir / "actors"
+
+    def all(self) -> list[Actor]:
+        return list(self._actors.values())
+
+    def get_or_create(self, name: str, key: str, *, create: bool = True) -> Actor:
+        validate_name(name)
+        validate_key(key)
+        actor_id = actor_id_for(name, key)
+        actor = self._actors.get(actor_id)
+        if actor is not None:
+            return actor
+        actor_dir = self.actors_dir / actor_id
+        meta = actor_dir / "meta.json"
+        if not meta.exists():
+            if not create:
+                raise ActorvisorError(ErrorCode.ACTOR_NOT_FOUND,
+                                      f"no {name} actor with key {key[:64]!r}")
+            actor_dir.mkdir(parents=True, exist_ok=True)
+            meta.write_text(json.dumps({"name": name, "key": key, "createdAt": time.time()}))
+        return self._register(actor_id, name, key, actor_dir)
+
+    def exists(self, name: str, key: str) -> bool:
+        validate_name(name)
+        validate_key(key)
+        actor_id = actor_id_for(name, key)
+        return actor_id in self._actors or (self.actors_dir / actor_id / "meta.json").exists()
+
+    def get_by_id(self, actor_id: str) -> Actor:
+        actor = self._actors.get(actor_id)
+        if actor is not None:
+            return actor
+        if not (len(actor_id) == 24 and all(c in "0123456789abcdef" for c in actor_id)):
+            raise ActorvisorError(ErrorCode.ACTOR_NOT_FOUND, f"no actor with id {actor_id[:64]!r}")
+        actor_dir = self.actors_dir / actor_id
+        try:
+            meta = json.loads((actor_dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            raise ActorvisorError(ErrorCode.ACTOR_NOT_FOUND, f"no actor with id {actor_id!r}") from None
+        return self._register(actor_id, meta["name"], meta["key"], actor_dir)
+
+    def _register(self, actor_id: str, name: str, key: str, actor_dir: Path) -> Actor:
+        relay = ActorRelay(actor_id, actor_dir / "events.db", self._config.ring_size)
+        actor = Actor(actor_id, name, key, actor_dir, relay)
+        self._actors[actor_id] = actor
+        return actor
+
+    # ---- actions -------------------------------------------------------------------
+
+    def submit(self, actor: Actor, name: str, args: list[Any]) -> asyncio.Future[Any]:
+        """Hand an action to the actor's worker now, or queue it until its `hello`.
+
+        Synchronous on purpose: the caller's message order is the order actions reach
+        the worker. Returns a future for the reply.
+        """
+        try:
+            ActionName(name)
+        except ValueError:
+            raise ActorvisorError(ErrorCode.UNKNOWN_ACTION,
+                                  f"the {actor.name} actor has no action {name[:64]!r}") from None
+        if actor.state is ActorState.FAILED:
+            raise ActorvisorError(ErrorCode.FAILED,
+                                  f"actor {actor.id} crashed {RESTART_INTENSITY} times within "
+                                  f"{RESTART_PERIOD:.0f}s and is marked failed; restart the service to reset it")
+        if not self.accepting:
+            raise ActorvisorError(ErrorCode.STOPPED, "the service is shutting down; retry shortly")
+        action = wire.Action(next(self._ids), name, list(args))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if actor.hello and actor.state in (ActorState.BOOTING, ActorState.READY):
+            if not self._send(actor.id, action):
+                raise ActorvisorError(ErrorCode.OVERLOADED, "the actor's worker is not accepting messages")
+        else:
+            if len(actor.pending) >= self._config.max_pending_actions:
+                raise ActorvisorError(ErrorCode.OVERLOADED,
+                                      f"{len(actor.pending)} actions already wait for this actor to start")
+            actor.pending.append(action)
+            self.ensure_running(actor)
+        actor.inflight[action.id] = fut
+        self.actions_total += 1
+        return fut
+
+    async def call(self, actor: Actor, name: str, args: list[Any]) -> Any:
+        fut = self.submit(actor, name, args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self._config.action_timeout)
+        except TimeoutError:
+            raise ActorvisorError(ErrorCode.ACTION_TIMEOUT,
+                                  f"{name} got no reply within {self._config.action_timeout:.0f}s") from None
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def ensure_running(self, actor: Actor) -> None:
+        """Start the actor's worker if it is not running. Never waits for it."""
+        if actor.running or actor.state is ActorState.FAILED or not self.accepting:
+            return
+        actor.transition(ActorState.SPAWNING)
+        actor.hello = False
+        actor.stop_reason = None
+        self._own(asyncio.create_task(self._spawn(actor), name=f"spawn-{actor.id}"))
+
+    async def _spawn(self, actor: Actor) -> None:
+        spec = WorkerSpec(
+            actor_id=actor.id, actor_name=actor.name, actor_key=actor.key,
+            endpoint=self._endpoint, state_dir=self._config.state_dir.resolve(),
+            boot_delay=self._config.boot_delay, generation=actor.generation,
+            heartbeat_interval=self._config.heartbeat_interval, log_level=self._config.log_level,
+        )
+        try:
+            proc = await self._spawner.spawn(spec)
+        except OSError as exc:
+            log.error("worker_spawn_failed", actor=actor.id, error=str(exc))
+            self._fail_inflight(actor, ActorvisorError(ErrorCode.INTERNAL, f"could not start the worker: {exc}"))
+            actor.transition(ActorState.CRASHED, error=str(exc))
+            return
+        actor.proc = proc
+        actor.started_at = time.monotonic()
+        actor.last_seen = time.monotonic()
+        log.info("worker_spawned", actor=actor.id, pid=proc.pid, generation=actor.generation)
+        actor.exit_task = asyncio.create_task(self._watch(actor, proc), name=f"watch-{actor.id}")
+        self._own(actor.exit_task)
+
+    async def _watch(self, actor: Actor, proc: WorkerProcess) -> None:
+        status = await proc.wait()
+        self._on_exit(actor, proc, status)
+
+    def _on_exit(self, actor: Actor, proc: WorkerProcess, status: int) -> None:
+        if actor.proc is not proc:
+            return
+        # The worker led its own process group: take anything it left behind with it.
+        proc.signal_group(signal.SIGKILL)
+        actor.proc = None
+        actor.hello = False
+        actor.phase = None
+        if actor.state is ActorState.STOPPING:
+            self._fail_inflight(actor, ActorvisorError(ErrorCode.STOPPED, "the actor was stopped"))
+            actor.transition(ActorState.STOPPED, status=status, reason=actor.stop_reason)
+            return
+        log.warning("worker_exited", actor=actor.id, pid=proc.pid, status=status)
+        self._fail_inflight(actor, ActorvisorError(
+            ErrorCode.WORKER_CRASHED, f"the actor's worker process exited unexpectedly (status {status})"))
+        now = time.monotonic()
+        actor.restarts.append(now)
+        while actor.restarts and now - actor.restarts[0] > RESTART_PERIOD:
+            actor.restarts.popleft()
+        actor.generation += 1
+        if len(actor.restarts) > RESTART_INTENSITY:
+            actor.transition(ActorState.FAILED, status=status, restarts=len(actor.restarts))
+        else:
+            actor.transition(ActorState.CRASHED, status=status)
+
+    def _fail_inflight(self, actor: Actor, error: ActorvisorError) -> None:
+        actor.pending.clear()
+        for fut in actor.inflight.values():
+            if not fut.done():
+                fut.set_exception(error)
+        actor.inflight.clear()
+
+    # ---- worker messages -----------------------------------------------------------
+
+    def on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
+        actor = self._actors.get(actor_id)
+        if actor is None or actor.proc is None:
+            log.warning("worker_message_from_unknown", actor=actor_id, type=type(msg).__name__)
+            return
+        actor.last_seen = time.monotonic()
+        match msg:
+            case wire.Hello():
+                self._on_hello(actor, msg)
+            case wire.Phase():
+                actor.phase = msg.phase
+                if msg.phase == WorkerPhase.READY and actor.state is ActorState.BOOTING:
+                    actor.transition(ActorState.READY, **msg.detail)
+            case wire.WorkerEvent():
+                actor.relay.publish(msg.seq, msg.epoch, msg.name, msg.payload)
+            case wire.Reply():
+                fut = actor.inflight.pop(msg.id, None)
+                if fut is None or fut.done():
+                    return
+                if msg.ok:
+                    fut.set_result(msg.value)
+                else:
+                    assert msg.error is not None
+                    fut.set_exception(msg.error)
+            case wire.Heartbeat():
+                pass
+
+    def _on_hello(self, actor: Actor, hello: wire.Hello) -> None:
+        if actor.proc is None or hello.pid != actor.proc.pid:
+            log.warning("worker_hello_pid_mismatch", actor=actor.id, pid=hello.pid)
+        actor.hello = True
+        actor.relay.on_worker_hello(hello.epoch, hello.last_seq)
+        if actor.state is ActorState.SPAWNING:
+            actor.transition(ActorState.BOOTING, pid=hello.pid)
+        while actor.pending:
+            action = actor.pending.popleft()
+            if not self._send(actor.id, action):
+                fut = actor.inflight.pop(action.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ActorvisorError(ErrorCode.OVERLOADED,
+                                                      "the actor's worker is not accepting messages"))
+
+    def heartbeat(self) -> None:
+        for actor in self._actors.values():
+            if actor.hello:
+                self._send(actor.id, wire.Heartbeat())
+
+    # ---- stopping ------------------------------------------------------------------
+
+    def stop(self, actor: Actor, reason: ShutdownReason) -> None:
+        if actor.proc is None:
+            if actor.state is not ActorState.FAILED:
+                actor.transition(ActorState.STOPPED, reason=reason)
+            return
+        actor.stop_reason = reason
+        actor.transition(ActorState.STOPPING, reason=reason)
+        msg = wire.Shutdown() if reason is ShutdownReason.DESTROY else wire.Sleep()
+        if not (actor.hello and self._send(actor.id, msg)):
+            actor.proc.signal_group(signal.SIGTERM)
+
+    async def destroy(self, actor: Actor) -> None:
+        """Stop the worker for good, close its connections, delete its state."""
+        self.stop(actor, ShutdownReason.DESTROY)
+        if actor.exit_task is not None:
+            await asyncio.wait([actor.exit_task], timeout=10.0)
+        if actor.proc is not None:
+            actor.proc.signal_group(signal.SIGKILL)
+            if actor.exit_task is not None:
+                await asyncio.wait([actor.exit_task], timeout=5.0)
+        for conn in list(actor.connections):
+            conn.close_soon(1000, "actor.not_found")
+        self._actors.pop(actor.id, None)
+        await asyncio.to_thread(shutil.rmtree, actor.dir, True)
+        log.info("actor_destroyed", actor=actor.id, key=actor.key)
+
+    async def stop_all(self, timeout: float) -> None:
+        """Drain: sleep every worker in parallel, then kill the process groups of stragglers."""
+        self.accepting = False
+        waits = []
+        for actor in self._actors.values():
+            if actor.proc is not None and actor.exit_task is not None:
+                self.stop(actor, ShutdownReason.SLEEP)
+                waits.append(actor.exit_task)
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=timeout)
+            for actor in self._actors.values():
+                if actor.proc is not None:
+                    log.warning("worker_killed_at_stop", actor=actor.id, pid=actor.proc.pid)
+                    actor.proc.signal_group(signal.SIGKILL)
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _own(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

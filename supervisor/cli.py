@@ -1,0 +1,189 @@
+"""The `actorvisor` command line: run the service, and talk to a running one.
+
+    actorvisor run    [--listen HOST:PORT] [--state-dir DIR] [--boot-delay SECONDS]
+    actorvisor demo   [--url URL] [--actor KEY] [--agent local|claude] [--prompt TEXT]
+    actorvisor call   ACTOR ACTION [JSON_ARG ...]
+    actorvisor events ACTOR [--after SEQ] [--follow]
+
+Flags win over environment variables (ACTORVISOR_LISTEN, ACTORVISOR_STATE_DIR,
+ACTORVISOR_BOOT_DELAY), which win over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from protocol.aio import DEFAULT_URL, Client
+from protocol.errors import ActorvisorError
+from protocol.names import ACTOR_KIND_VM
+
+from .config import Config, parse_listen
+
+
+def _default_url() -> str:
+    listen = os.environ.get("ACTORVISOR_LISTEN")
+    return f"http://{listen}" if listen else DEFAULT_URL
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vmworker.logs import configure
+
+    from .app import Supervisor
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["host"], overrides["port"] = parse_listen(args.listen)
+    if args.state_dir:
+        overrides["state_dir"] = Path(args.state_dir)
+    if args.boot_delay is not None:
+        overrides["boot_delay"] = args.boot_delay
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
+    configure(config.log_level)
+    asyncio.run(Supervisor(config).run())
+    return 0
+
+
+def _print_update(payload: dict[str, Any]) -> None:
+    update = payload.get("event", {}).get("params", {}).get("update", {})
+    kind = update.get("sessionUpdate")
+    if kind in ("agent_message_chunk", "agent_thought_chunk"):
+        text = update.get("content", {}).get("text", "")
+        print(text if kind == "agent_message_chunk" else f"[thinking] {text}", end="", flush=True)
+    elif kind == "tool_call":
+        print(f"\n[tool] {update.get('title')} ({update.get('status')})", flush=True)
+    elif kind == "tool_call_update":
+        print(f"\n[tool] {update.get('toolCallId')} → {update.get('status')}", flush=True)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    if args.agent == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
+        print("The claude agent needs an API key: set ANTHROPIC_API_KEY in the supervisor's "
+              "environment (and ANTHROPIC_BASE_URL for a non-default endpoint), or run the "
+              "demo with --agent local.", file=sys.stderr)
+        return 2
+    async with Client(args.url) as client:
+        conn = await client.connect(ACTOR_KIND_VM, args.actor)
+        conn.on("sessionEvent", _print_update)
+        conn.on("vmBooted", lambda p: print(f"[vm booted in {p.get('bootMs')} ms]"))
+        session = await conn.call("createSession", args.agent, {})
+        print(f"session {session['sessionId']} on actor {conn.actor_id}")
+        result = await conn.call("sendPrompt", session["sessionId"], args.prompt)
+        print(f"\n[turn ended: {result['stopReason']}]")
+        if args.agent == "local":
+            content = await conn.call("readFile", "/workspace/hello.txt")
+            print(f"/workspace/hello.txt: {content.decode(errors='replace')!r}")
+        await conn.close()
+    return 0
+
+
+DEMO_PROMPT = ("Say hello.\nwrite /workspace/hello.txt: hello from the VM\n"
+               "run: cat /workspace/hello.txt && uname -a")
+
+
+async def _call(args: argparse.Namespace) -> int:
+    values = []
+    for raw in args.args:
+        try:
+            values.append(json.loads(raw))
+        except ValueError:
+            values.append(raw)
+    async with Client(args.url) as client:
+        result = await client.action(ACTOR_KIND_VM, args.actor, args.action, *values)
+    print(json.dumps(_jsonable(result), indent=2))
+    return 0
+
+
+async def _events(args: argparse.Namespace) -> int:
+    async with Client(args.url) as client:
+        after = args.after
+        while True:
+            page = await client.action(ACTOR_KIND_VM, args.actor, "replayEvents",
+                                       {"after": after, "limit": 1000})
+            for event in page["events"]:
+                print(json.dumps(_jsonable(event)))
+            after = page["nextCursor"]
+            if not page["hasMore"]:
+                break
+        if not args.follow:
+            return 0
+        conn = await client.connect(ACTOR_KIND_VM, args.actor)
+        for name in ("sessionEvent", "permissionRequest", "permissionResolved", "vmBooted", "vmShutdown"):
+            conn.subscribe(name, lambda p, name=name: print(json.dumps({"name": name, **_jsonable(p)}),
+                                                            flush=True), after=after)
+        await asyncio.Event().wait()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="actorvisor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the service")
+    run.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:6420)")
+    run.add_argument("--state-dir", help="where actors keep their files and logs (default .actorvisor)")
+    run.add_argument("--config", help="a TOML file of settings (names as in supervisor/config.py)")
+    run.add_argument("--boot-delay", type=float, help="extra VM boot time, to emulate slow images")
+    run.add_argument("--log-level", help="debug|info|warning|error")
+
+    demo = sub.add_parser("demo", help="the quickstart: a session, a prompt, its event stream")
+    demo.add_argument("--url", default=_default_url())
+    demo.add_argument("--actor", default="my-agent")
+    demo.add_argument("--agent", default="local", choices=["local", "claude"])
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+
+    call = sub.add_parser("call", help="call one action over HTTP and print its result")
+    call.add_argument("actor")
+    call.add_argument("action")
+    call.add_argument("args", nargs="*", metavar="JSON_ARG")
+    call.add_argument("--url", default=_default_url())
+
+    events = sub.add_parser("events", help="print an actor's event log, optionally live")
+    events.add_argument("actor")
+    events.add_argument("--after", type=int, default=0)
+    events.add_argument("--follow", action="store_true")
+    events.add_argument("--url", default=_default_url())
+
+    args = parser.parse_args(argv)
+    try:
+        match args.command:
+            case "run":
+                return cmd_run(args)
+            case "demo":
+                return asyncio.run(_demo(args))
+            case "call":
+                return asyncio.run(_call(args))
+            case "events":
+                return asyncio.run(_events(args))
+    except ActorvisorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

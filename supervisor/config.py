@@ -1,0 +1,97 @@
+"""Runtime configuration of the supervisor: one frozen dataclass, filled from flags and env.
+
+Flags win over environment variables, which win over the defaults below. Nothing else in
+the supervisor reads `os.environ` for its own settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:6420"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_file(path: Path) -> dict[str, object]:
+    """Read a TOML settings file; its keys are `Config` field names (plus `listen`)."""
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    known = {f.name for f in fields(Config)}
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        key = key.replace("-", "_")
+        if key == "listen":
+            values["host"], values["port"] = parse_listen(str(value))
+        elif key in ("state_dir", "runtime_dir"):
+            values[key] = Path(str(value))
+        elif key in known:
+            values[key] = value
+        else:
+            raise ValueError(f"{path}: unknown setting {key!r}")
+    return values
+
+
+def _default_runtime_dir(state_dir: Path) -> Path:
+    # systemd gives us $RUNTIME_DIRECTORY; otherwise a private dir under /tmp keeps the
+    # ipc path short (AF_UNIX paths are limited to 107 bytes) whatever the state dir is.
+    explicit = os.environ.get("RUNTIME_DIRECTORY")
+    if explicit:
+        return Path(explicit.split(":")[0])
+    return Path(tempfile.mkdtemp(prefix="actorvisor-"))
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 6420
+    state_dir: Path = Path(".actorvisor")
+    runtime_dir: Path | None = None
+    boot_delay: float = 0.0
+    # Worker channel.
+    heartbeat_interval: float = 1.0
+    worker_python: str = ""
+    # Bounds that protect the supervisor from any one client or actor.
+    max_message_size: int = 1 << 20
+    max_pending_actions: int = 1024
+    action_timeout: float = 600.0
+    conn_queue_bytes: int = 8 << 20
+    ring_size: int = 4096
+    # Delivery guarantee: implicit cursor for connections that bring none.
+    implicit_cursor_grace: float = 1.0
+    implicit_cursor_window: float = 10.0
+    log_level: str = "info"
+    extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def listen(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, config_file: Path | None = None, **overrides: object) -> Config:
+        """Defaults < config file < environment < explicit overrides (the CLI's flags)."""
+        values: dict[str, object] = {}
+        if config_file is not None:
+            values.update(load_file(config_file))
+        if listen := os.environ.get("ACTORVISOR_LISTEN"):
+            values["host"], values["port"] = parse_listen(listen)
+        if state := os.environ.get("ACTORVISOR_STATE_DIR"):
+            values["state_dir"] = Path(state)
+        if delay := os.environ.get("ACTORVISOR_BOOT_DELAY"):
+            values["boot_delay"] = float(delay)
+        if level := os.environ.get("ACTORVISOR_LOG_LEVEL"):
+            values["log_level"] = level
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def resolved_runtime_dir(self) -> Path:
+        return self.runtime_dir if self.runtime_dir is not None else _default_runtime_dir(self.state_dir)

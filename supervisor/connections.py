@@ -1,0 +1,160 @@
+"""Client connections: strict in-order handling, owned subscriptions, a bounded outbox.
+
+A connection handles its client's messages one at a time, in order: a subscription sent
+before an action is registered before the action reaches the worker. Replies are awaited
+in tasks the connection owns (so actions may overlap), and every outbound frame goes
+through one bounded queue drained by one writer task. A client that stops reading fills
+its queue and is disconnected with a reason the RivetKit client retries on; it never
+slows anyone else down. Nothing here awaits a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from typing import Any
+
+import structlog
+from aiohttp import WSCloseCode, web
+
+from protocol.client import (
+    ActionRequest,
+    ActionResponse,
+    Encoding,
+    ErrorMsg,
+    SubscriptionRequest,
+    ToClient,
+    ToServer,
+    encode_to_client,
+)
+from protocol.errors import ActorvisorError, ErrorCode
+
+from .actors import Actor, ActorManager
+from .relay import Subscription
+
+log = structlog.get_logger("supervisor.connections")
+
+CLOSE_GOING_AWAY = "ws.going_away"
+CLOSE_SLOW_CONSUMER = "ws.slow_consumer"
+
+
+def error_frame(err: ActorvisorError, action_id: int | None = None) -> ErrorMsg:
+    return ErrorMsg(err.code.group, err.code.code, err.message, err.metadata, action_id)
+
+
+class Connection:
+    def __init__(self, ws: web.WebSocketResponse, actor: Actor, manager: ActorManager,
+                 encoding: Encoding, max_queue_bytes: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.ws = ws
+        self.actor = actor
+        self.encoding = encoding
+        self._manager = manager
+        self._max_queue_bytes = max_queue_bytes
+        self._queue: deque[bytes | str] = deque()
+        self.queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._closing: tuple[int, str] | None = None
+        self.subs: dict[str, Subscription] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.writer: asyncio.Task[None] | None = None
+        self.log = log.bind(conn=self.id, actor=actor.id)
+
+    # ---- outbound ------------------------------------------------------------------
+
+    def send(self, msg: ToClient) -> None:
+        self.send_frame(encode_to_client(msg, self.encoding))
+
+    def send_frame(self, frame: bytes | str) -> None:
+        if self._closing is not None:
+            return
+        self._queue.append(frame)
+        self.queued_bytes += len(frame)
+        self._wake.set()
+        if self.queued_bytes > self._max_queue_bytes:
+            self.log.warning("slow_consumer_disconnected", queued_bytes=self.queued_bytes)
+            self.close_soon(WSCloseCode.TRY_AGAIN_LATER, CLOSE_SLOW_CONSUMER, drop_queue=True)
+
+    send_event_frame = send_frame
+
+    def report_error(self, code: str, message: str) -> None:
+        parsed = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+        self.send(error_frame(ActorvisorError(parsed, message)))
+
+    def close_soon(self, code: int, reason: str, *, drop_queue: bool = False) -> None:
+        """Stop queueing; the writer flushes (or drops) what is queued, then closes."""
+        if self._closing is None:
+            self._closing = (code, reason)
+            if drop_queue:
+                self._queue.clear()
+                self.queued_bytes = 0
+            self._wake.set()
+
+    async def run_writer(self) -> None:
+        try:
+            while True:
+                while self._queue:
+                    frame = self._queue.popleft()
+                    self.queued_bytes -= len(frame)
+                    if isinstance(frame, str):
+                        await self.ws.send_str(frame)
+                    else:
+                        await self.ws.send_bytes(frame)
+                if self._closing is not None:
+                    code, reason = self._closing
+                    await self.ws.close(code=code, message=reason.encode())
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+        except (ConnectionResetError, RuntimeError) as exc:
+            self.log.info("connection_write_failed", error=str(exc))
+
+    # ---- inbound -------------------------------------------------------------------
+
+    def handle(self, msg: ToServer) -> None:
+        """Handle one client message synchronously, so the next one sees its effects."""
+        match msg:
+            case SubscriptionRequest():
+                self._subscription(msg)
+            case ActionRequest():
+                self._action(msg)
+
+    def _subscription(self, msg: SubscriptionRequest) -> None:
+        current = self.subs.pop(msg.event_name, None)
+        if current is not None:
+            self.actor.relay.unsubscribe(current)
+        if msg.subscribe:
+            self.subs[msg.event_name] = self.actor.relay.subscribe(self, msg.event_name, msg.after)
+
+    def _action(self, msg: ActionRequest) -> None:
+        try:
+            fut = self._manager.submit(self.actor, msg.name, msg.args)
+        except ActorvisorError as err:
+            self.send(error_frame(err, msg.id))
+            return
+        task = asyncio.create_task(self._await_reply(msg, fut))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_reply(self, msg: ActionRequest, fut: asyncio.Future[Any]) -> None:
+        try:
+            output = await fut
+        except ActorvisorError as err:
+            self.send(error_frame(err, msg.id))
+            return
+        self.send(ActionResponse(msg.id, output))
+
+    async def aclose(self) -> None:
+        for sub in self.subs.values():
+            self.actor.relay.unsubscribe(sub)
+        self.subs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.writer is not None and not self.writer.done():
+            self.close_soon(WSCloseCode.GOING_AWAY, CLOSE_GOING_AWAY)
+            try:
+                await asyncio.wait_for(self.writer, 2.0)
+            except TimeoutError:
+                self.writer.cancel()

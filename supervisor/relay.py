@@ -1,0 +1,191 @@
+"""The relay: each actor's sequenced event stream, its ring buffer and its fan-out.
+
+Events arrive from the worker already committed to its SQLite log, in `seq` order. The
+relay appends each to a bounded ring, encodes the client frame at most once per encoding
+in use, and offers the same bytes to every subscription of that event name. A
+subscription with a cursor is backfilled from the ring, or from the SQLite log (read in a
+thread) when the ring no longer holds it, then continues live with no gap and no
+duplicate: each subscription delivers only `seq` greater than the last it delivered.
+
+The relay never awaits a worker and never writes to the event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cbor2
+import structlog
+
+from protocol.client import Encoding, Event, encode_to_client
+
+log = structlog.get_logger("supervisor.relay")
+
+
+@dataclass(eq=False, slots=True)
+class LoggedEvent:
+    seq: int
+    name: str
+    payload: dict[str, Any]
+    _frames: dict[Encoding, bytes | str] = field(default_factory=dict)
+
+    def frame(self, encoding: Encoding) -> bytes | str:
+        """The client frame for this event, encoded once per encoding however many listen."""
+        cached = self._frames.get(encoding)
+        if cached is None:
+            cached = encode_to_client(Event(self.name, [self.payload]), encoding)
+            self._frames[encoding] = cached
+        return cached
+
+
+class Sink(Protocol):
+    """What a subscription delivers into: a connection's outbound queue."""
+
+    encoding: Encoding
+
+    def send_event_frame(self, frame: bytes | str) -> None: ...
+
+    def report_error(self, code: str, message: str) -> None: ...
+
+
+class Subscription:
+    """One sink's interest in one event name, and the highest seq it has delivered."""
+
+    def __init__(self, sink: Sink, name: str, delivered: int) -> None:
+        self.sink = sink
+        self.name = name
+        self.delivered = delivered
+        self._backlog: list[LoggedEvent] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def catching_up(self) -> bool:
+        return self._backlog is not None
+
+    def offer(self, event: LoggedEvent) -> None:
+        if event.seq <= self.delivered:
+            return
+        if self._backlog is not None:
+            self._backlog.append(event)
+            return
+        self.delivered = event.seq
+        self.sink.send_event_frame(event.frame(self.sink.encoding))
+
+    def begin_catch_up(self) -> None:
+        self._backlog = []
+
+    def deliver_history(self, history: Iterable[LoggedEvent]) -> None:
+        """Deliver events read from the log while live ones keep waiting in the backlog."""
+        for event in history:
+            if event.seq > self.delivered:
+                self.delivered = event.seq
+                self.sink.send_event_frame(event.frame(self.sink.encoding))
+
+    def end_catch_up(self) -> None:
+        """Then deliver whatever arrived live meanwhile, in order, without repeats."""
+        backlog, self._backlog = self._backlog or [], None
+        for event in backlog:
+            self.offer(event)
+
+
+def read_history(db_path: Path, after: int, name: str, limit: int) -> list[LoggedEvent]:
+    """Read committed events with seq > after from a worker's log (read-only; WAL allows it)."""
+    if not db_path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        rows = conn.execute(
+            "SELECT seq, name, payload FROM events WHERE seq > ? AND name = ? ORDER BY seq LIMIT ?",
+            (after, name, limit),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [LoggedEvent(seq, ev_name, cbor2.loads(payload)) for seq, ev_name, payload in rows]
+
+
+class ActorRelay:
+    HISTORY_PAGE = 2000
+
+    def __init__(self, actor_id: str, db_path: Path, ring_size: int) -> None:
+        self.actor_id = actor_id
+        self.db_path = db_path
+        self.epoch: str | None = None
+        self.last_seq: int | None = None
+        self.ring: deque[LoggedEvent] = deque(maxlen=ring_size)
+        self._subs: dict[str, set[Subscription]] = {}
+        self.events_relayed = 0
+
+    def on_worker_hello(self, epoch: str | None, last_seq: int) -> None:
+        if epoch is not None and self.epoch is not None and epoch != self.epoch:
+            log.warning("event_log_epoch_changed", actor=self.actor_id, old=self.epoch, new=epoch)
+            self.ring.clear()
+        self.epoch = epoch or self.epoch
+        self.last_seq = last_seq
+
+    def publish(self, seq: int, epoch: str, name: str, payload: dict[str, Any]) -> None:
+        if self.last_seq is not None and seq <= self.last_seq:
+            log.warning("event_seq_regressed", actor=self.actor_id, seq=seq, last=self.last_seq)
+            return
+        if self.last_seq is not None and seq != self.last_seq + 1:
+            # Never fatal: history reads fill any gap for cursors, but a gap means a bug.
+            log.error("event_seq_gap", actor=self.actor_id, seq=seq, last=self.last_seq)
+        self.epoch = epoch
+        self.last_seq = seq
+        event = LoggedEvent(seq, name, payload)
+        self.ring.append(event)
+        self.events_relayed += 1
+        for sub in tuple(self._subs.get(name, ())):
+            sub.offer(event)
+
+    def subscribe(self, sink: Sink, name: str, after: int | None) -> Subscription:
+        """Register at once; backfill from `after` (exclusive) when a cursor is given."""
+        if after is None:
+            sub = Subscription(sink, name, self.last_seq or 0)
+            self._subs.setdefault(name, set()).add(sub)
+            return sub
+        sub = Subscription(sink, name, after)
+        self._subs.setdefault(name, set()).add(sub)
+        if self.last_seq is not None and after >= self.last_seq:
+            return sub
+        ring_start = self.ring[0].seq if self.ring else None
+        if ring_start is not None and after >= ring_start - 1:
+            for event in tuple(self.ring):
+                if event.name == name:
+                    sub.offer(event)
+            return sub
+        sub.begin_catch_up()
+        sub.task = asyncio.create_task(self._catch_up(sub), name=f"catch-up-{self.actor_id}")
+        return sub
+
+    async def _catch_up(self, sub: Subscription) -> None:
+        # Everything published before the subscription was committed before it was
+        # published, so the log holds it; everything after waits in the backlog.
+        try:
+            while True:
+                page = await asyncio.to_thread(read_history, self.db_path, sub.delivered,
+                                               sub.name, self.HISTORY_PAGE)
+                sub.deliver_history(page)
+                if len(page) < self.HISTORY_PAGE:
+                    break
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            log.error("history_read_failed", actor=self.actor_id, error=str(exc))
+            sub.sink.report_error("actor.internal_error", f"could not read event history: {exc}")
+        sub.end_catch_up()
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.name)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.name]
+        if sub.task is not None:
+            sub.task.cancel()
+
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
