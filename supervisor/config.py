@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:6420"
@@ -59,7 +59,6 @@ class Config:
     boot_delay: float = 0.0
     # Worker channel.
     heartbeat_interval: float = 1.0
-    worker_python: str = ""
     # Bounds that protect the supervisor from any one client or actor.
     max_message_size: int = 1 << 20
     max_pending_actions: int = 1024
@@ -70,7 +69,6 @@ class Config:
     implicit_cursor_grace: float = 1.0
     implicit_cursor_window: float = 10.0
     log_level: str = "info"
-    extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def listen(self) -> str:
