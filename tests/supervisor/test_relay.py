@@ -1,0 +1,101 @@
+"""The relay's subscriptions: cursor backfill from ring or log, then live, no gap, no repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import cbor2
+
+from protocol.client import Encoding, Event, decode_to_client
+from supervisor.relay import ActorRelay
+
+
+class Sink:
+    encoding = Encoding.CBOR
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.errors: list[tuple[str, str]] = []
+
+    def send_event_frame(self, frame: bytes | str) -> None:
+        msg = decode_to_client(frame, self.encoding)
+        assert isinstance(msg, Event)
+        self.seqs.append(msg.args[0]["seq"])
+
+    def report_error(self, code: str, message: str) -> None:
+        self.errors.append((code, message))
+
+
+def make_log(path: Path, count: int) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE events(seq INTEGER PRIMARY KEY, name TEXT NOT NULL, session_id TEXT,"
+               " payload BLOB NOT NULL, created_at INTEGER NOT NULL)")
+    db.executemany("INSERT INTO events VALUES (?, ?, NULL, ?, 0)",
+                   [(s, "sessionEvent", cbor2.dumps({"seq": s})) for s in range(1, count + 1)])
+    db.commit()
+    db.close()
+
+
+def publish(relay: ActorRelay, seq: int) -> None:
+    relay.publish(seq, "epoch-1", "sessionEvent", {"seq": seq})
+
+
+async def test_live_subscription_sees_only_new_events(tmp_path):
+    relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
+    relay.on_worker_hello("epoch-1", 0)
+    publish(relay, 1)
+    sink = Sink()
+    relay.subscribe(sink, "sessionEvent", None)
+    for seq in (2, 3):
+        publish(relay, seq)
+    relay.publish(4, "epoch-1", "vmBooted", {"seq": 4})
+    assert sink.seqs == [2, 3]
+
+
+async def test_cursor_within_ring_backfills_synchronously(tmp_path):
+    relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
+    relay.on_worker_hello("epoch-1", 0)
+    for seq in range(1, 11):
+        publish(relay, seq)
+    sink = Sink()
+    relay.subscribe(sink, "sessionEvent", 4)
+    assert sink.seqs == list(range(5, 11))
+    publish(relay, 11)
+    assert sink.seqs == list(range(5, 12))
+
+
+async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_path):
+    db = tmp_path / "events.db"
+    total = 5000
+    make_log(db, total)
+    relay = ActorRelay("a", db, ring_size=100)
+    relay.on_worker_hello("epoch-1", 0)
+    relay.HISTORY_PAGE = 700
+    for seq in range(total - 99, total + 1):
+        publish(relay, seq)
+    sink = Sink()
+    sub = relay.subscribe(sink, "sessionEvent", 10)
+    assert sub.catching_up
+    # Live events published during the catch-up are held back, then delivered once.
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT INTO events VALUES (?, 'sessionEvent', NULL, ?, 0)",
+                         [(s, cbor2.dumps({"seq": s})) for s in range(total + 1, total + 51)])
+    for seq in range(total + 1, total + 51):
+        publish(relay, seq)
+    await asyncio.wait_for(sub.task, 10)
+    assert sink.seqs == list(range(11, total + 51))
+    assert not sink.errors
+
+
+async def test_unsubscribe_stops_delivery(tmp_path):
+    relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
+    relay.on_worker_hello("epoch-1", 0)
+    sink = Sink()
+    sub = relay.subscribe(sink, "sessionEvent", None)
+    publish(relay, 1)
+    relay.unsubscribe(sub)
+    publish(relay, 2)
+    assert sink.seqs == [1]
+    assert relay.subscriber_count() == 0
