@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     NOT_A_DIRECTORY = "actor.not_a_directory"
     IS_A_DIRECTORY = "actor.is_a_directory"
     AGENT_ERROR = "actor.agent_error"
+    EPOCH_CHANGED = "actor.epoch_changed"
     WORKER_CRASHED = "actor.worker_crashed"
     FAILED = "actor.failed"
     BOOT_TIMEOUT = "actor.boot_timeout"

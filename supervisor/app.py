@@ -36,7 +36,7 @@ class Supervisor:
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
         self.spawner = spawner or SubprocessSpawner()
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send)
-        self.gateway = Gateway(self.manager, config.max_message_size, config.conn_queue_bytes)
+        self.gateway = Gateway(self.manager, config)
         self.app = web.Application(client_max_size=config.max_message_size + 1024)
         self.app.add_routes(self.gateway.routes())
         self.app.add_routes([web.get("/admin/workers", self.admin_workers)])

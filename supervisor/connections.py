@@ -11,6 +11,7 @@ slows anyone else down. Nothing here awaits a worker.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -45,8 +46,12 @@ def error_frame(err: ActorvisorError, action_id: int | None = None) -> ErrorMsg:
 
 class Connection:
     def __init__(self, ws: web.WebSocketResponse, actor: Actor, manager: ActorManager,
-                 encoding: Encoding, max_queue_bytes: int) -> None:
+                 encoding: Encoding, max_queue_bytes: int, *, opened_at: float,
+                 implicit_grace: float, implicit_window: float) -> None:
         self.id = uuid.uuid4().hex
+        self.opened_at = opened_at
+        self._implicit_grace = implicit_grace
+        self._implicit_window = implicit_window
         self.ws = ws
         self.actor = actor
         self.encoding = encoding
@@ -125,7 +130,31 @@ class Connection:
         if current is not None:
             self.actor.relay.unsubscribe(current)
         if msg.subscribe:
-            self.subs[msg.event_name] = self.actor.relay.subscribe(self, msg.event_name, msg.after)
+            self.subs[msg.event_name] = self.actor.relay.subscribe(self, msg.event_name,
+                                                                   self._cursor_for(msg))
+
+    def _cursor_for(self, msg: SubscriptionRequest) -> int | None:
+        """The explicit cursor, or the implicit one early in the connection's life.
+
+        The npm client sends its first HTTP actions before its WebSocket upgrade even when
+        `connect()` came first, so events of those actions can predate the connection:
+        a subscription made soon after the upgrade starts from the actor's last seq a
+        grace window before it. A reconnecting client may see an event twice; every
+        payload carries `seq`, so it can drop the repeat.
+        """
+        relay = self.actor.relay
+        if msg.after is not None:
+            if msg.epoch is not None and relay.epoch is not None and msg.epoch != relay.epoch:
+                self.send(error_frame(ActorvisorError(
+                    ErrorCode.EPOCH_CHANGED,
+                    f"the event log was recreated (epoch {relay.epoch}, cursor from {msg.epoch}); "
+                    f"{msg.event_name} restarts from the beginning of the new log",
+                    {"epoch": relay.epoch, "eventName": msg.event_name})))
+                return 0
+            return msg.after
+        if self._implicit_grace <= 0 or time.monotonic() - self.opened_at > self._implicit_window:
+            return None
+        return relay.cursor_at(self.opened_at - self._implicit_grace)
 
     def _action(self, msg: ActionRequest) -> None:
         try:

@@ -23,6 +23,7 @@ from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
 
 from . import __version__
 from .actors import Actor, ActorManager
+from .config import Config
 from .connections import Connection, error_frame
 
 log = structlog.get_logger("supervisor.gateway")
@@ -52,10 +53,10 @@ def http_status(code: ErrorCode) -> int:
 
 
 class Gateway:
-    def __init__(self, manager: ActorManager, max_message_size: int, conn_queue_bytes: int) -> None:
+    def __init__(self, manager: ActorManager, config: Config) -> None:
         self.manager = manager
-        self.max_message_size = max_message_size
-        self.conn_queue_bytes = conn_queue_bytes
+        self.config = config
+        self.max_message_size = config.max_message_size
         self.connections: set[Connection] = set()
         self.connections_total = 0
         self.setup_latency_ms: list[float] = []
@@ -101,6 +102,7 @@ class Gateway:
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        opened_at = time.monotonic()
         try:
             protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
             encoding, _params = cp.parse_ws_subprotocols(protocols)
@@ -110,7 +112,9 @@ class Gateway:
         ws = web.WebSocketResponse(protocols=("rivet",), max_msg_size=4 * self.max_message_size,
                                    heartbeat=30.0)
         await ws.prepare(request)
-        conn = Connection(ws, actor, self.manager, encoding, self.conn_queue_bytes)
+        conn = Connection(ws, actor, self.manager, encoding, self.config.conn_queue_bytes,
+                          opened_at=opened_at, implicit_grace=self.config.implicit_cursor_grace,
+                          implicit_window=self.config.implicit_cursor_window)
         conn.send(Init(actor.id, conn.id))
         conn.writer = asyncio.create_task(conn.run_writer(), name=f"writer-{conn.id}")
         self.setup_latency_ms.append((time.perf_counter() - started) * 1000)

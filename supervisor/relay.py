@@ -13,7 +13,9 @@ The relay never awaits a worker and never writes to the event log.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -104,13 +106,22 @@ def read_history(db_path: Path, after: int, name: str, limit: int) -> list[Logge
             "SELECT seq, name, payload FROM events WHERE seq > ? AND name = ? ORDER BY seq LIMIT ?",
             (after, name, limit),
         ).fetchall()
+        epoch_row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
     finally:
         conn.close()
-    return [LoggedEvent(seq, ev_name, cbor2.loads(payload)) for seq, ev_name, payload in rows]
+    events = []
+    for seq, ev_name, blob in rows:
+        payload = cbor2.loads(blob)
+        if epoch_row is not None:
+            payload.setdefault("epoch", epoch_row[0])
+        events.append(LoggedEvent(seq, ev_name, payload))
+    return events
 
 
 class ActorRelay:
     HISTORY_PAGE = 2000
+    MARK_EVERY = 0.01
+    MARKS_KEPT_FOR = 15.0
 
     def __init__(self, actor_id: str, db_path: Path, ring_size: int) -> None:
         self.actor_id = actor_id
@@ -120,13 +131,43 @@ class ActorRelay:
         self.ring: deque[LoggedEvent] = deque(maxlen=ring_size)
         self._subs: dict[str, set[Subscription]] = {}
         self.events_relayed = 0
+        # (monotonic time, last seq at that time), for implicit cursors: independent of
+        # the ring so that a burst that overflows the ring cannot move a cursor forward.
+        self._mark_times: list[float] = []
+        self._mark_seqs: list[int] = []
 
     def on_worker_hello(self, epoch: str | None, last_seq: int) -> None:
         if epoch is not None and self.epoch is not None and epoch != self.epoch:
             log.warning("event_log_epoch_changed", actor=self.actor_id, old=self.epoch, new=epoch)
             self.ring.clear()
+            self._mark_times.clear()
+            self._mark_seqs.clear()
         self.epoch = epoch or self.epoch
         self.last_seq = last_seq
+        self._mark(time.monotonic(), last_seq, force=True)
+
+    def _mark(self, now: float, seq: int, *, force: bool = False) -> None:
+        if not force and self._mark_times and now - self._mark_times[-1] < self.MARK_EVERY:
+            return
+        self._mark_times.append(now)
+        self._mark_seqs.append(seq)
+        # Keep one mark older than the horizon so cursors at the horizon still resolve.
+        cut = bisect.bisect_left(self._mark_times, now - self.MARKS_KEPT_FOR) - 1
+        if cut > 0:
+            del self._mark_times[:cut]
+            del self._mark_seqs[:cut]
+
+    def cursor_at(self, when: float) -> int | None:
+        """A seq no later than the actor's last seq at monotonic time `when`.
+
+        None when no worker of this actor had said hello by then and none has since:
+        every event still to come is then newer than `when`.
+        """
+        if not self._mark_times:
+            return None
+        i = bisect.bisect_right(self._mark_times, when) - 1
+        # No mark that early: the worker said hello after `when`, so all it emitted is newer.
+        return self._mark_seqs[max(i, 0)]
 
     def publish(self, seq: int, epoch: str, name: str, payload: dict[str, Any]) -> None:
         if self.last_seq is not None and seq <= self.last_seq:
@@ -135,8 +176,11 @@ class ActorRelay:
         if self.last_seq is not None and seq != self.last_seq + 1:
             # Never fatal: history reads fill any gap for cursors, but a gap means a bug.
             log.error("event_seq_gap", actor=self.actor_id, seq=seq, last=self.last_seq)
+        # The mark is taken before this event counts, so it never claims an event too early.
+        self._mark(time.monotonic(), self.last_seq if self.last_seq is not None else seq - 1)
         self.epoch = epoch
         self.last_seq = seq
+        payload.setdefault("epoch", epoch)
         event = LoggedEvent(seq, name, payload)
         self.ring.append(event)
         self.events_relayed += 1

@@ -30,6 +30,8 @@ class Sink:
 
 def make_log(path: Path, count: int) -> None:
     db = sqlite3.connect(path)
+    db.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('epoch', 'epoch-1')")
     db.execute("CREATE TABLE events(seq INTEGER PRIMARY KEY, name TEXT NOT NULL, session_id TEXT,"
                " payload BLOB NOT NULL, created_at INTEGER NOT NULL)")
     db.executemany("INSERT INTO events VALUES (?, ?, NULL, ?, 0)",
