@@ -1,0 +1,167 @@
+"""A test-owned supervisor stand-in: a ROUTER on an ipc socket plus a real worker process.
+
+It speaks the real worker protocol (`protocol.worker`) and records every frame in arrival
+order, so tests can assert ordering exactly as the supervisor will see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from protocol.errors import ActorvisorError
+from protocol.worker import (
+    Action,
+    Heartbeat,
+    Hello,
+    Reply,
+    SupervisorToWorker,
+    WorkerEvent,
+    WorkerToSupervisor,
+    decode,
+    encode,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class WorkerHarness:
+    tmp: Path
+    actor_id: str = "actor1"
+    boot_delay: float = 0.0
+    supervisor_timeout: float = 10.0
+    heartbeat_interval: float = 0.2
+    generation: int = 0
+    received: list[WorkerToSupervisor] = field(default_factory=list)
+    proc: asyncio.subprocess.Process | None = None
+
+    def __post_init__(self) -> None:
+        self.state_dir = self.tmp / "state"
+        self.endpoint = f"ipc://{self.tmp}/workers.ipc"
+        self._ctx = zmq.asyncio.Context()
+        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.bind(self.endpoint)
+        self._ids = itertools.count(1)
+        self._arrived = asyncio.Condition()
+        self._pump: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self.identity: bytes | None = None
+
+    @property
+    def actor_dir(self) -> Path:
+        return self.state_dir / "actors" / self.actor_id
+
+    async def start(self, *extra: str, heartbeats: bool = True) -> None:
+        self.actor_dir.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe: nobody drains a pipe while the test runs, and a full one
+        # would block the worker's logging.
+        with open(self.log_path, "ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "vmworker",
+                "--actor-id", self.actor_id, "--actor-name", "vm", "--actor-key", "k",
+                "--endpoint", self.endpoint, "--state-dir", str(self.state_dir),
+                "--boot-delay", str(self.boot_delay), "--generation", str(self.generation),
+                "--heartbeat-interval", str(self.heartbeat_interval),
+                "--supervisor-timeout", str(self.supervisor_timeout), "--log-level", "debug",
+                *extra,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stderr=log_file,
+            )
+        self.received.clear()
+        self._pump = asyncio.create_task(self._pump_frames())
+        await self.wait_for(lambda m: isinstance(m, Hello))
+        if heartbeats:
+            self._beat = asyncio.create_task(self._send_heartbeats())
+
+    async def _pump_frames(self) -> None:
+        while True:
+            identity, frame = await self.router.recv_multipart()
+            self.identity = identity
+            async with self._arrived:
+                self.received.append(decode(frame))  # type: ignore[arg-type]
+                self._arrived.notify_all()
+
+    async def _send_heartbeats(self) -> None:
+        while True:
+            if self.identity is not None:
+                await self.send(Heartbeat())
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def send(self, msg: SupervisorToWorker) -> None:
+        assert self.identity is not None, "worker has not said hello yet"
+        await self.router.send_multipart([self.identity, encode(msg)])
+
+    async def send_raw(self, frame: bytes) -> None:
+        assert self.identity is not None
+        await self.router.send_multipart([self.identity, frame])
+
+    async def wait_for(self, predicate: Callable[[WorkerToSupervisor], bool],
+                       timeout: float = 10.0) -> WorkerToSupervisor:
+        async with asyncio.timeout(timeout):
+            async with self._arrived:
+                while True:
+                    for msg in self.received:
+                        if predicate(msg):
+                            return msg
+                    await self._arrived.wait()
+
+    async def wait_event(self, name: str, timeout: float = 10.0) -> WorkerEvent:
+        msg = await self.wait_for(lambda m: isinstance(m, WorkerEvent) and m.name == name, timeout)
+        assert isinstance(msg, WorkerEvent)
+        return msg
+
+    async def request(self, name: str, *args: Any, timeout: float = 20.0) -> Reply:
+        action_id = next(self._ids)
+        await self.send(Action(action_id, name, list(args)))
+        reply = await self.wait_for(lambda m: isinstance(m, Reply) and m.id == action_id, timeout)
+        assert isinstance(reply, Reply)
+        return reply
+
+    async def call(self, name: str, *args: Any, timeout: float = 20.0) -> Any:
+        reply = await self.request(name, *args, timeout=timeout)
+        if not reply.ok:
+            assert reply.error is not None
+            raise reply.error
+        return reply.value
+
+    async def call_error(self, name: str, *args: Any) -> ActorvisorError:
+        reply = await self.request(name, *args)
+        assert not reply.ok, f"{name} unexpectedly succeeded: {reply.value!r}"
+        assert reply.error is not None
+        return reply.error
+
+    async def wait_exit(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            return await self.proc.wait()
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / "worker.log"
+
+    def worker_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def close(self) -> None:
+        for task in (self._pump, self._beat):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._pump, self._beat) if t), return_exceptions=True)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+        self.router.close(linger=0)
+        self._ctx.term()

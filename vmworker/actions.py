@@ -1,0 +1,294 @@
+"""The `vm` actor's actions (PROTOCOL.md §3): argument validation and dispatch.
+
+Owns the table of actions, the exact shape of each one's arguments and result, and the
+rule of which actions wait for the VM to boot. Every argument error is an
+`actor.invalid_args` that names the action, the argument and what was expected. Handlers
+delegate to `Vm`, `SessionManager` and the event log reader; this module never touches
+the socket, never sends replies (the worker loop does, through the outbox), and holds no
+state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final
+
+from protocol.errors import ActorvisorError, ErrorCode
+from protocol.names import ActionName, AgentType, EventName
+
+from .agents.base import PermissionReply
+from .eventlog import EventReader, Page
+from .outbox import Outbox
+from .sandbox import validate_env
+from .sessions import MAX_PROMPT_CHARS, SessionManager, parse_options
+from .vm import DEFAULT_EXEC_TIMEOUT_S, Vm
+from .vmfs import VmPath, normalize
+
+DEFAULT_PAGE: Final = 1000
+MAX_PAGE: Final = 10_000
+MAX_COMMAND_BYTES: Final = 128 * 1024 - 1  # the kernel's limit for one argv string
+MAX_TIMEOUT_MS: Final = 3_600_000
+
+
+def _invalid(message: str) -> ActorvisorError:
+    return ActorvisorError(ErrorCode.INVALID_ARGS, message)
+
+
+class Args:
+    """Positional arguments of one action call, checked with messages that name them."""
+
+    def __init__(self, action: str, values: list[Any], names: Sequence[str]) -> None:
+        if len(values) > len(names):
+            raise _invalid(f"{action} takes at most {len(names)} argument(s)"
+                           f"{' (' + ', '.join(names) + ')' if names else ''}, got {len(values)}")
+        self.action = action
+        self._values = values
+        self._names = names
+
+    def _what(self, index: int) -> str:
+        return f"{self.action}: argument {index + 1} ({self._names[index]})"
+
+    def get(self, index: int) -> Any:
+        # JS `undefined`/`null` both mean "not given" for an optional argument.
+        return self._values[index] if index < len(self._values) else None
+
+    def string(self, index: int, *, max_len: int | None = None) -> str:
+        value = self.get(index)
+        if not isinstance(value, str):
+            raise _invalid(f"{self._what(index)} must be a string, got {_type(value)}")
+        if max_len is not None and len(value) > max_len:
+            raise _invalid(f"{self._what(index)} is longer than {max_len} characters")
+        return value
+
+    def path(self, index: int) -> VmPath:
+        return normalize(self.get(index), what=self._what(index))
+
+    def options(self, index: int, allowed: Sequence[str]) -> dict[str, Any]:
+        value = self.get(index)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _invalid(f"{self._what(index)} must be an object, got {_type(value)}")
+        for key in value:
+            if key not in allowed:
+                raise _invalid(f"{self._what(index)}: unknown option {key!r:.80}; "
+                               f"expected {', '.join(allowed) or 'none'}")
+        return {k: v for k, v in value.items() if v is not None}
+
+    def option_bool(self, index: int, opts: dict[str, Any], key: str) -> bool:
+        value = opts.get(key, False)
+        if not isinstance(value, bool):
+            raise _invalid(f"{self._what(index)}.{key} must be a boolean, got {_type(value)}")
+        return value
+
+    def option_int(self, index: int, opts: dict[str, Any], key: str, default: int,
+                   low: int, high: int) -> int:
+        value = opts.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise _invalid(f"{self._what(index)}.{key} must be an integer from {low} to {high}, "
+                           f"got {value!r:.80}")
+        return value
+
+
+def _type(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    handler: Callable[[Args], Awaitable[Any]]
+    params: tuple[str, ...]
+    needs_vm: bool
+
+
+class Actions:
+    """Dispatches one action call to its handler and returns the wire result."""
+
+    def __init__(
+        self,
+        vm: Vm,
+        sessions: SessionManager,
+        outbox: Outbox,
+        reader: EventReader,
+        read_executor: ThreadPoolExecutor,
+        restarts: int,
+    ) -> None:
+        self._vm = vm
+        self._sessions = sessions
+        self._outbox = outbox
+        self._reader = reader
+        self._read_executor = read_executor
+        self._restarts = restarts
+        self._started = time.monotonic()
+        spec = _Spec
+        self._table: dict[str, _Spec] = {
+            ActionName.CREATE_SESSION: spec(self._create_session, ("agentType", "options"), True),
+            ActionName.SEND_PROMPT: spec(self._send_prompt, ("sessionId", "text"), True),
+            ActionName.CANCEL_PROMPT: spec(self._cancel_prompt, ("sessionId",), True),
+            ActionName.CLOSE_SESSION: spec(self._close_session, ("sessionId",), True),
+            ActionName.LIST_SESSIONS: spec(self._list_sessions, (), False),
+            ActionName.GET_SESSION_EVENTS: spec(self._get_session_events,
+                                                ("sessionId", "options"), False),
+            ActionName.REPLAY_EVENTS: spec(self._replay_events, ("options",), False),
+            ActionName.RESPOND_PERMISSION: spec(self._respond_permission,
+                                                ("sessionId", "permissionId", "reply"), True),
+            ActionName.READ_FILE: spec(self._read_file, ("path",), True),
+            ActionName.WRITE_FILE: spec(self._write_file, ("path", "content"), True),
+            ActionName.READDIR: spec(self._readdir, ("path",), True),
+            ActionName.STAT: spec(self._stat, ("path",), True),
+            ActionName.MKDIR: spec(self._mkdir, ("path", "options"), True),
+            ActionName.EXISTS: spec(self._exists, ("path",), True),
+            ActionName.DELETE_FILE: spec(self._delete_file, ("path", "options"), True),
+            ActionName.EXEC: spec(self._exec, ("command", "options"), True),
+            ActionName.GET_RUNTIME_HEALTH: spec(self._health, (), False),
+        }
+
+    async def dispatch(self, name: str, args: list[Any]) -> Any:
+        spec = self._table.get(name)
+        if spec is None:
+            raise ActorvisorError(ErrorCode.UNKNOWN_ACTION,
+                                  f"the vm actor has no action {name!r:.80}")
+        checked = Args(name, args, spec.params)
+        if spec.needs_vm:
+            await self._vm.wait_ready()
+        return await spec.handler(checked)
+
+    # sessions
+
+    async def _create_session(self, a: Args) -> Any:
+        agent_type = a.get(0)
+        if agent_type not in {t.value for t in AgentType}:
+            raise _invalid(f"createSession: argument 1 (agentType) must be one of "
+                           f"{', '.join(repr(t.value) for t in AgentType)}; got {agent_type!r:.80}")
+        options = parse_options(a.get(1), what="createSession: argument 2 (options)")
+        return {"sessionId": self._sessions.create(AgentType(agent_type), options)}
+
+    async def _send_prompt(self, a: Args) -> Any:
+        session_id, text = a.string(0), a.string(1, max_len=MAX_PROMPT_CHARS)
+        return await self._sessions.prompt(session_id, text)
+
+    async def _cancel_prompt(self, a: Args) -> Any:
+        return {"cancelled": self._sessions.cancel(a.string(0))}
+
+    async def _close_session(self, a: Args) -> Any:
+        await self._sessions.close(a.string(0))
+        return None
+
+    async def _list_sessions(self, a: Args) -> Any:
+        return self._sessions.summaries()
+
+    async def _respond_permission(self, a: Args) -> Any:
+        session_id, permission_id, reply = a.string(0), a.string(1), a.get(2)
+        if reply not in {r.value for r in PermissionReply}:
+            raise _invalid("respondPermission: argument 3 (reply) must be 'once', 'always' or "
+                           f"'reject'; got {reply!r:.80}")
+        self._sessions.respond_permission(session_id, permission_id, PermissionReply(reply))
+        return None
+
+    # history
+
+    def _cursor(self, a: Args, index: int, opts: dict[str, Any]) -> tuple[int, int]:
+        after = a.option_int(index, opts, "after", 0, 0, 2**63 - 1)
+        limit = a.option_int(index, opts, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        return after, limit
+
+    async def _read(self, fn: Callable[..., Page], *args: Any) -> Page:
+        return await asyncio.get_running_loop().run_in_executor(self._read_executor, fn, *args)
+
+    async def _get_session_events(self, a: Args) -> Any:
+        session_id = a.string(0)
+        self._sessions.get(session_id)
+        after, limit = self._cursor(a, 1, a.options(1, ("after", "limit")))
+        page = await self._read(self._reader.read_session, session_id,
+                                EventName.SESSION_EVENT.value, after, limit)
+        return {
+            "events": [{"seq": e.seq, "sessionId": session_id, "event": e.payload.get("event"),
+                        "createdAt": e.created_at} for e in page.events],
+            "nextCursor": page.next_cursor,
+            "hasMore": page.has_more,
+        }
+
+    async def _replay_events(self, a: Args) -> Any:
+        opts = a.options(0, ("after", "limit", "names"))
+        after, limit = self._cursor(a, 0, opts)
+        names = opts.get("names")
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise _invalid("replayEvents: argument 1 (options).names must be a list of strings")
+        page = await self._read(self._reader.read, after, limit, names)
+        return {
+            "epoch": self._outbox.epoch,
+            "events": [{"seq": e.seq, "name": e.name, "args": [e.payload]} for e in page.events],
+            "nextCursor": page.next_cursor,
+            "hasMore": page.has_more,
+        }
+
+    # filesystem
+
+    async def _read_file(self, a: Args) -> Any:
+        return await self._vm.read_file(a.path(0))
+
+    async def _write_file(self, a: Args) -> Any:
+        content = a.get(1)
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        elif isinstance(content, bytearray | memoryview):
+            content = bytes(content)
+        if not isinstance(content, bytes):
+            raise _invalid(f"writeFile: argument 2 (content) must be a string or bytes, "
+                           f"got {_type(content)}")
+        await self._vm.write_file(a.path(0), content)
+        return None
+
+    async def _readdir(self, a: Args) -> Any:
+        return await self._vm.readdir(a.path(0))
+
+    async def _stat(self, a: Args) -> Any:
+        return await self._vm.stat(a.path(0))
+
+    async def _exists(self, a: Args) -> Any:
+        return await self._vm.exists(a.path(0))
+
+    async def _mkdir(self, a: Args) -> Any:
+        recursive = a.option_bool(1, a.options(1, ("recursive",)), "recursive")
+        await self._vm.mkdir(a.path(0), recursive=recursive)
+        return None
+
+    async def _delete_file(self, a: Args) -> Any:
+        recursive = a.option_bool(1, a.options(1, ("recursive",)), "recursive")
+        await self._vm.delete(a.path(0), recursive=recursive)
+        return None
+
+    async def _exec(self, a: Args) -> Any:
+        command = a.string(0)
+        if "\0" in command or len(command.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+            raise _invalid(f"exec: argument 1 (command) must be at most {MAX_COMMAND_BYTES} "
+                           "bytes, without NUL bytes")
+        opts = a.options(1, ("cwd", "env", "timeoutMs"))
+        env = validate_env(opts.get("env", {}), what="exec: argument 2 (options).env")
+        timeout_ms = a.option_int(1, opts, "timeoutMs", round(DEFAULT_EXEC_TIMEOUT_S * 1000),
+                                  1, MAX_TIMEOUT_MS)
+        cwd = opts.get("cwd")
+        if cwd is not None:
+            cwd = normalize(cwd, what="exec: argument 2 (options).cwd")
+        result = await self._vm.exec(command, cwd=cwd, env=env,
+                                     timeout_s=timeout_ms / 1000)
+        return result.to_wire()
+
+    # runtime
+
+    async def _health(self, a: Args) -> Any:
+        return {
+            "phase": self._vm.phase.value,
+            "booted": self._vm.booted,
+            "pid": os.getpid(),
+            "uptimeMs": round((time.monotonic() - self._started) * 1000),
+            "sessions": self._sessions.open_count,
+            "eventsSeq": self._outbox.last_seq,
+            "restarts": self._restarts,
+        }

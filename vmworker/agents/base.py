@@ -1,0 +1,186 @@
+"""The contract between a session and the agent that answers its prompts.
+
+An `Agent` runs one turn at a time: `run_turn(prompt, turn)` streams ACP `session/update`
+updates through `turn.emit`, may run tools in the VM through `turn`, may ask the user
+for permission through `turn.request_permission`, and returns why it stopped. A turn is
+cancelled by cancelling the task that runs it (asyncio cancellation): an agent that must
+clean up catches `CancelledError`, cleans up, and re-raises or returns
+`StopReason.CANCELLED`. Agents never write to the event log or the socket themselves —
+everything they emit goes through `turn.emit`, which sequences and persists it — and never
+touch host paths: the VM is reachable only through `Turn`.
+
+The helpers build ACP update objects (https://agentclientprotocol.com, schema
+`SessionUpdate`) so that every agent emits the same field shapes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from ..sandbox import ExecResult
+
+
+class StopReason(StrEnum):
+    """ACP stop reasons a turn can end with."""
+
+    END_TURN = "end_turn"
+    MAX_TOKENS = "max_tokens"
+    REFUSAL = "refusal"
+    CANCELLED = "cancelled"
+
+
+class PermissionPolicy(StrEnum):
+    ALLOW_ALL = "allow_all"
+    ASK = "ask"
+
+
+class PermissionReply(StrEnum):
+    ONCE = "once"
+    ALWAYS = "always"
+    REJECT = "reject"
+
+
+class UpdateKind(StrEnum):
+    """ACP `sessionUpdate` discriminators."""
+
+    USER_MESSAGE_CHUNK = "user_message_chunk"
+    AGENT_MESSAGE_CHUNK = "agent_message_chunk"
+    AGENT_THOUGHT_CHUNK = "agent_thought_chunk"
+    TOOL_CALL = "tool_call"
+    TOOL_CALL_UPDATE = "tool_call_update"
+    PLAN = "plan"
+
+
+class ToolKind(StrEnum):
+    READ = "read"
+    EDIT = "edit"
+    DELETE = "delete"
+    MOVE = "move"
+    SEARCH = "search"
+    EXECUTE = "execute"
+    THINK = "think"
+    FETCH = "fetch"
+    OTHER = "other"
+
+
+class ToolStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """Validated `createSession` options; `cwd` is a normalised VM path."""
+
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    system_prompt: str | None = None
+    permission_policy: PermissionPolicy = PermissionPolicy.ALLOW_ALL
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"env": self.env, "permissionPolicy": self.permission_policy.value}
+        if self.cwd is not None:
+            out["cwd"] = self.cwd
+        if self.model is not None:
+            out["model"] = self.model
+        if self.system_prompt is not None:
+            out["systemPrompt"] = self.system_prompt
+        return out
+
+
+class Turn(Protocol):
+    """What an agent can do during one turn of one session."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def options(self) -> SessionOptions: ...
+
+    async def emit(self, update: dict[str, Any]) -> None:
+        """Publish one ACP update (the `update` object of a `session/update`)."""
+
+    async def exec(self, command: str, *, timeout_s: float = 60.0) -> ExecResult:
+        """Run `/bin/sh -c command` in the VM with the session's cwd and env."""
+
+    async def read_file(self, path: str) -> bytes:
+        """Read a VM file (same rules as the `readFile` action)."""
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        """Write a VM file, creating parent directories (same rules as `writeFile`)."""
+
+    async def request_permission(
+        self, tool_call: dict[str, Any], options: list[dict[str, Any]] | None = None
+    ) -> PermissionReply:
+        """Ask the user (a `permissionRequest` event) and wait for `respondPermission`.
+
+        Under the `allow_all` policy this answers `once` at once, without an event."""
+
+
+class Agent(ABC):
+    """One agent instance per session; it may keep conversation state between turns."""
+
+    @abstractmethod
+    async def run_turn(self, prompt: str, turn: Turn) -> StopReason:
+        """Answer one prompt, streaming updates through `turn`."""
+
+    async def close(self) -> None:
+        """Release what the agent holds (HTTP clients, ...) when its session closes."""
+        return None
+
+
+def text_content(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def chunk(kind: UpdateKind, text: str) -> dict[str, Any]:
+    """A message or thought chunk update."""
+    return {"sessionUpdate": kind.value, "content": text_content(text)}
+
+
+def tool_call(
+    tool_call_id: str, title: str, kind: ToolKind, raw_input: dict[str, Any]
+) -> dict[str, Any]:
+    """Announce a tool call (status pending)."""
+    return {
+        "sessionUpdate": UpdateKind.TOOL_CALL.value,
+        "toolCallId": tool_call_id,
+        "title": title,
+        "kind": kind.value,
+        "status": ToolStatus.PENDING.value,
+        "rawInput": raw_input,
+    }
+
+
+def tool_call_update(
+    tool_call_id: str,
+    status: ToolStatus,
+    *,
+    text: str | None = None,
+    raw_output: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Progress or result of a tool call; `text` becomes its ACP content."""
+    update: dict[str, Any] = {
+        "sessionUpdate": UpdateKind.TOOL_CALL_UPDATE.value,
+        "toolCallId": tool_call_id,
+        "status": status.value,
+    }
+    if text is not None:
+        update["content"] = [{"type": "content", "content": text_content(text)}]
+    if raw_output is not None:
+        update["rawOutput"] = raw_output
+    return update
+
+
+DEFAULT_PERMISSION_OPTIONS: list[dict[str, Any]] = [
+    {"optionId": PermissionReply.ONCE.value, "name": "Allow once", "kind": "allow_once"},
+    {"optionId": PermissionReply.ALWAYS.value, "name": "Always allow", "kind": "allow_always"},
+    {"optionId": PermissionReply.REJECT.value, "name": "Reject", "kind": "reject_once"},
+]
+"""ACP `PermissionOption`s whose ids are the replies `respondPermission` accepts."""

@@ -1,0 +1,225 @@
+"""The actor's durable event log: one SQLite database (WAL) at `<actor dir>/events.db`.
+
+Owns the schema, the epoch, and every SQL statement the worker runs. It is synchronous
+on purpose: the worker calls it from dedicated threads (one writer, one reader) so the
+event loop never blocks on the disk. It never assigns `seq` (the outbox does, in the
+order events are produced) and never talks to the network.
+
+Schema (version 1) — the supervisor reads `events` read-only from another process for
+replay, so treat these columns as a contract:
+
+    meta(key TEXT PRIMARY KEY, value TEXT)
+        'epoch'          random id created with the file; a new file means a new epoch,
+                         and `seq` restarts at 1 in it
+        'schema_version' '1'
+    events(seq INTEGER PRIMARY KEY,   -- per actor, strictly increasing, gap-free from 1
+           name TEXT NOT NULL,        -- event name (sessionEvent, vmBooted, ...)
+           session_id TEXT,           -- set for session-scoped events, else NULL
+           payload BLOB NOT NULL,     -- CBOR of the handler argument, including "seq"
+           created_at INTEGER NOT NULL)  -- unix ms
+    sessions(session_id TEXT PRIMARY KEY, agent_type TEXT, options BLOB /* CBOR */,
+             created_at INTEGER /* unix ms */, status TEXT /* idle|running|closed */)
+
+A row in `events` exists only once its transaction committed; the worker publishes an
+event only after that commit, so anything a client has seen is in this file.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import cbor2
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    session_id TEXT,
+    payload BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, seq)
+    WHERE session_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    agent_type TEXT,
+    options BLOB,
+    created_at INTEGER,
+    status TEXT
+);
+"""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One durable event. `payload` already contains `seq`."""
+
+    seq: int
+    name: str
+    session_id: str | None
+    payload: dict[str, Any]
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    session_id: str
+    agent_type: str
+    options: dict[str, Any]
+    created_at: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A cursor read: `next_cursor` is the last seq returned (or the `after` asked for)."""
+
+    events: list[EventRecord]
+    next_cursor: int
+    has_more: bool
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
+    # group commit is exactly one transaction, never one per statement.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+class EventLog:
+    """Writer side of the log. Use from one thread at a time."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, epoch: str, last_seq: int) -> None:
+        self.path = path
+        self._conn = conn
+        self.epoch = epoch
+        self.last_seq = last_seq
+
+    @classmethod
+    def open(cls, path: Path) -> EventLog:
+        """Open or create the log; a new file gets a new epoch."""
+        conn = _connect(path)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk before we publish, even across a power loss; group
+            # commit amortises the fsync over every event queued meanwhile.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            if row is None:
+                epoch = secrets.token_hex(8)
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("epoch", epoch), ("schema_version", str(SCHEMA_VERSION))],
+                )
+            else:
+                epoch = row[0]
+                version = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'"
+                ).fetchone()
+                if version is None or int(version[0]) != SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"{path}: schema version {version and version[0]!r}, "
+                        f"this worker speaks {SCHEMA_VERSION}"
+                    )
+            last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn, epoch, last_seq)
+
+    def write_batch(self, events: Sequence[EventRecord], sessions: Iterable[SessionRow]) -> None:
+        """Commit events and session rows in one transaction (the group commit)."""
+        if events and events[0].seq != self.last_seq + 1:
+            # The outbox hands seqs out in order; a hole here would break the contract
+            # every reader relies on, so refuse rather than write it.
+            raise RuntimeError(f"seq gap: log at {self.last_seq}, batch starts at {events[0].seq}")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO events (seq, name, session_id, payload, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (e.seq, e.name, e.session_id, cbor2.dumps(e.payload), e.created_at)
+                    for e in events
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO sessions (session_id, agent_type, options, created_at, status)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET"
+                " status = excluded.status",
+                [
+                    (s.session_id, s.agent_type, cbor2.dumps(s.options), s.created_at, s.status)
+                    for s in sessions
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if events:
+            self.last_seq = events[-1].seq
+
+    def load_sessions(self) -> list[SessionRow]:
+        rows = self._conn.execute(
+            "SELECT session_id, agent_type, options, created_at, status FROM sessions"
+            " ORDER BY created_at, session_id"
+        ).fetchall()
+        return [SessionRow(r[0], r[1], cbor2.loads(r[2]), r[3], r[4]) for r in rows]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class EventReader:
+    """Read side: cursor queries over a separate connection (WAL readers never block
+    the writer). Use from one thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = _connect(path)
+        self._conn.execute("PRAGMA query_only = ON")
+
+    def read(self, after: int, limit: int, names: Sequence[str] | None = None) -> Page:
+        """Events with seq > after, oldest first, at most `limit` of them."""
+        sql = "SELECT seq, name, session_id, payload, created_at FROM events WHERE seq > ?"
+        params: list[Any] = [after]
+        if names is not None:
+            sql += f" AND name IN ({','.join('?' * len(names))})"
+            params.extend(names)
+        return self._page(sql, params, after, limit)
+
+    def read_session(self, session_id: str, name: str, after: int, limit: int) -> Page:
+        sql = (
+            "SELECT seq, name, session_id, payload, created_at FROM events"
+            " WHERE session_id = ? AND name = ? AND seq > ?"
+        )
+        return self._page(sql, [session_id, name, after], after, limit)
+
+    def _page(self, sql: str, params: list[Any], after: int, limit: int) -> Page:
+        # One row more than asked tells whether there is a next page without a COUNT.
+        rows = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit + 1]).fetchall()
+        has_more = len(rows) > limit
+        events = [EventRecord(r[0], r[1], r[2], cbor2.loads(r[3]), r[4]) for r in rows[:limit]]
+        return Page(events, events[-1].seq if events else after, has_more)
+
+    def close(self) -> None:
+        self._conn.close()

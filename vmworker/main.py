@@ -1,0 +1,300 @@
+"""The worker process: one actor, one VM, one DEALER socket to the supervisor.
+
+Owns the process lifecycle — say hello before booting, boot in the background, serve
+actions concurrently, heartbeat both ways, and shut down cleanly on `sleep`, `shutdown`,
+SIGTERM or a silent supervisor — and every task it starts: each one is cancelled and
+awaited on the way out, and every sandboxed command is killed. Everything it sends goes
+through the outbox, in order. It never blocks the event loop on the disk, never crashes
+on a bad frame, and never exits with a child process still running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Final
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
+from protocol.names import EventName, ShutdownReason
+from protocol.worker import Action, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
+
+from . import logs
+from .actions import Actions
+from .eventlog import EventLog, EventReader
+from .outbox import Outbox
+from .sessions import SessionManager
+from .vm import Vm, VmPhase
+
+PR_SET_PDEATHSIG: Final = 1
+ACTION_GRACE_S: Final = 2.0    # for in-flight actions to reply before they are cancelled
+FLUSH_TIMEOUT_S: Final = 5.0   # for the last frames to reach the socket
+LINGER_MS: Final = 2000        # for zmq to hand them to the supervisor after close
+HARD_DEADLINE_S: Final = 20.0  # past this, a wedged shutdown exits anyway
+
+log = structlog.get_logger()
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FATAL = 1              # the event log failed: persist-then-publish cannot be kept
+    SUPERVISOR_LOST = 3    # nothing heard from the supervisor for --supervisor-timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    actor_id: str
+    actor_name: str
+    actor_key: str
+    endpoint: str
+    state_dir: Path
+    boot_delay_s: float
+    generation: int
+    heartbeat_interval_s: float
+    supervisor_timeout_s: float
+    log_level: str
+
+    @property
+    def actor_dir(self) -> Path:
+        return self.state_dir / "actors" / self.actor_id
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="python -m vmworker",
+                                     description="actorvisor worker: one actor's VM")
+    parser.add_argument("--actor-id", required=True)
+    parser.add_argument("--actor-name", required=True)
+    parser.add_argument("--actor-key", required=True)
+    parser.add_argument("--endpoint", required=True, help="supervisor ROUTER, e.g. ipc:///run/x.ipc")
+    parser.add_argument("--state-dir", required=True, type=Path)
+    parser.add_argument("--boot-delay", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--supervisor-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    ns = parser.parse_args(argv)
+    # The id names a directory: it must be one plain path component.
+    if not ns.actor_id or "/" in ns.actor_id or "\0" in ns.actor_id or ns.actor_id in (".", ".."):
+        parser.error(f"--actor-id {ns.actor_id!r} is not usable as a directory name")
+    for flag, value in (("--boot-delay", ns.boot_delay), ("--heartbeat-interval", ns.heartbeat_interval),
+                        ("--supervisor-timeout", ns.supervisor_timeout)):
+        if not value >= 0 or (flag != "--boot-delay" and value == 0):
+            parser.error(f"{flag} must be positive")
+    return Config(ns.actor_id, ns.actor_name, ns.actor_key, ns.endpoint, ns.state_dir,
+                  ns.boot_delay, ns.generation, ns.heartbeat_interval, ns.supervisor_timeout,
+                  ns.log_level)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when our parent dies, so we take the normal exit path."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+class Worker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = log
+        self._stop = asyncio.Event()
+        self._stop_reason = ShutdownReason.SLEEP
+        self._exit_code = ExitCode.OK
+        self._stopping = False
+        self._last_heard = time.monotonic()
+        self._actions_running: set[asyncio.Task[None]] = set()
+
+    def request_stop(self, reason: ShutdownReason, code: ExitCode = ExitCode.OK) -> None:
+        """Ask for shutdown; the first request wins."""
+        if not self._stop.is_set():
+            self._stop_reason, self._exit_code = reason, code
+            self._stop.set()
+
+    async def run(self) -> int:
+        cfg = self.config
+        cfg.actor_dir.mkdir(parents=True, exist_ok=True)
+        writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
+        reader_pool = ThreadPoolExecutor(1, thread_name_prefix="eventlog-reader")
+        event_log = EventLog.open(cfg.actor_dir / "events.db")
+        reader = EventReader(event_log.path)
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, cfg.actor_id.encode())
+        sock.connect(cfg.endpoint)
+
+        self.outbox = Outbox(event_log, sock.send, writer)
+        self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
+        self.outbox.send(Phase(VmPhase.BOOTING.value))
+        self.vm = Vm(cfg.actor_dir, cfg.boot_delay_s)
+        self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions())
+        self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,
+                               cfg.generation)
+        self.log.info("worker_started", epoch=event_log.epoch, last_seq=event_log.last_seq,
+                      generation=cfg.generation)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, ShutdownReason.SLEEP)
+        writer_task = asyncio.create_task(self.outbox.run(), name="outbox")
+        background = [
+            asyncio.create_task(self._receive(sock), name="receive"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+        boot_task = asyncio.create_task(self._boot(), name="boot")
+        stop_task = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            await asyncio.wait({writer_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if writer_task.done():
+                self.log.error("event_log_failed", exc_info=writer_task.exception())
+                self._exit_code = ExitCode.FATAL
+                await self._stop_work(boot_task)
+            else:
+                await self._shutdown(boot_task, writer_task)
+        finally:
+            # Hard stop for a shutdown wedged in C code (a hung disk, a stuck send).
+            deadline = threading.Timer(HARD_DEADLINE_S, os._exit, (int(ExitCode.FATAL),))
+            deadline.daemon = True
+            deadline.start()
+            for task in (*background, writer_task, boot_task, stop_task):
+                task.cancel()
+            await asyncio.gather(*background, writer_task, boot_task, stop_task,
+                                 return_exceptions=True)
+            await self.vm.sandbox.kill_all()
+            sock.close(linger=LINGER_MS)
+            ctx.term()
+            await loop.run_in_executor(reader_pool, reader.close)
+            await loop.run_in_executor(writer, event_log.close)
+            reader_pool.shutdown()
+            writer.shutdown()
+            deadline.cancel()
+        self.log.info("worker_stopped", reason=self._stop_reason.value, exit_code=int(self._exit_code))
+        return int(self._exit_code)
+
+    async def _shutdown(self, boot_task: asyncio.Task[None], writer_task: asyncio.Task[None]) -> None:
+        reason = self._stop_reason
+        self.log.info("worker_stopping", reason=reason.value)
+        self.outbox.send(Phase(VmPhase.STOPPING.value, {"reason": reason.value}))
+        await self._stop_work(boot_task)
+        self.outbox.append_nowait(EventName.VM_SHUTDOWN.value, {"reason": reason.value})
+        flush = asyncio.create_task(self.outbox.flush())
+        done, _ = await asyncio.wait({flush, writer_task}, timeout=FLUSH_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if flush not in done:
+            flush.cancel()
+            self.log.warning("flush_incomplete", last_seq=self.outbox.last_seq)
+
+    async def _stop_work(self, boot_task: asyncio.Task[None]) -> None:
+        """Stop booting, cancel turns, let in-flight actions reply, then cancel the rest."""
+        self._stopping = True
+        boot_task.cancel()
+        await asyncio.gather(boot_task, return_exceptions=True)
+        self.vm.phase = VmPhase.STOPPING
+        self.sessions.cancel_all()
+        if self._actions_running:
+            await asyncio.wait(self._actions_running, timeout=ACTION_GRACE_S)
+        for task in self._actions_running:
+            task.cancel()
+        await asyncio.gather(*self._actions_running, return_exceptions=True)
+        await self.vm.sandbox.kill_all()
+
+    async def _boot(self) -> None:
+        self.log.info("vm_booting", boot_delay_s=self.config.boot_delay_s)
+        try:
+            boot_ms = await self.vm.boot()
+        except Exception as exc:
+            self.log.error("vm_boot_failed", error=self.vm.boot_error, exc_info=exc)
+            self.outbox.send(Phase(VmPhase.FAILED.value, {"error": self.vm.boot_error}))
+            return
+        await self.outbox.append(EventName.VM_BOOTED.value, {"bootMs": boot_ms})
+        self.outbox.send(Phase(VmPhase.READY.value, {"bootMs": boot_ms}))
+        self.log.info("vm_ready", boot_ms=boot_ms)
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                # The ROUTER strips our identity; the message is the last frame even if
+                # a peer adds an empty delimiter in front of it.
+                msg = decode(frames[-1])
+            except ProtocolError as exc:
+                self.log.warning("bad_frame", error=exc.message, size=len(frames[-1]))
+                continue
+            match msg:
+                case Action():
+                    self._start_action(msg)
+                case Heartbeat():
+                    pass
+                case Sleep():
+                    self.request_stop(ShutdownReason.SLEEP)
+                case Shutdown():
+                    self.request_stop(ShutdownReason.DESTROY)
+                case _:
+                    self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def _start_action(self, action: Action) -> None:
+        if self._stopping:
+            self.outbox.send(Reply(action.id, False, error=ActorvisorError(
+                ErrorCode.STOPPED, f"the actor is stopping; {action.name} was not run")))
+            return
+        task = asyncio.create_task(self._run_action(action), name=f"action-{action.id}")
+        self._actions_running.add(task)
+        task.add_done_callback(self._actions_running.discard)
+
+    async def _run_action(self, action: Action) -> None:
+        started = time.monotonic()
+        try:
+            value = await self.actions.dispatch(action.name, action.args)
+            self.outbox.send(Reply(action.id, True, value))
+        except ActorvisorError as exc:
+            self.outbox.send(Reply(action.id, False, error=exc))
+        except asyncio.CancelledError:
+            self.outbox.send(Reply(action.id, False, error=ActorvisorError(
+                ErrorCode.STOPPED, f"the actor stopped while {action.name} was running")))
+            raise
+        except Exception as exc:
+            self.log.error("action_crashed", action=action.name, id=action.id, exc_info=exc)
+            self.outbox.send(Reply(action.id, False, error=ActorvisorError(
+                ErrorCode.INTERNAL, f"{action.name} failed: {type(exc).__name__}: {exc}")))
+        self.log.debug("action_done", action=action.name, id=action.id,
+                       ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def _heartbeat(self) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(min(cfg.heartbeat_interval_s, cfg.supervisor_timeout_s / 2))
+            self.outbox.send(Heartbeat())
+            silent_for = time.monotonic() - self._last_heard
+            if silent_for > cfg.supervisor_timeout_s:
+                self.log.warning("supervisor_lost", silent_s=round(silent_for, 1))
+                self.request_stop(ShutdownReason.ERROR, ExitCode.SUPERVISOR_LOST)
+                return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    logs.configure(config.log_level)
+    die_with_parent()
+    structlog.contextvars.bind_contextvars(actor=config.actor_id, pid=os.getpid())
+    try:
+        return asyncio.run(Worker(config).run())
+    except Exception:
+        log.exception("worker_crashed")
+        return int(ExitCode.FATAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

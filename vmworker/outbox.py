@@ -1,0 +1,130 @@
+"""The worker's one ordered path to the supervisor: sequence, persist, then send.
+
+Owns `seq` assignment and the order of every outbound frame. `append()` gives a durable
+event the next seq at the moment it is called; `send()` queues a non-durable message
+(hello, phase, reply, heartbeat) behind everything queued before it. One writer task
+drains the queue in batches: it commits every durable event of the batch in a single
+SQLite transaction (on the log's own thread), then sends the whole batch in queue order.
+So an event is never sent before it is committed, and a reply queued after an action's
+events is never sent before them. This module never reorders, never drops, and never
+sends an event whose commit failed: a failed commit stops the writer, and the worker
+exits, because the contract "persist, then publish" can no longer be kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final
+
+from protocol.worker import WorkerEvent, WorkerToSupervisor, encode
+
+from .eventlog import EventLog, EventRecord, SessionRow, now_ms
+
+# A batch bigger than this is split, so one transaction (and the latency it adds to the
+# first event in it) stays bounded even when an agent floods the queue.
+MAX_BATCH: Final = 4096
+# Producers that get this far ahead of the disk wait in `append()`: backpressure instead
+# of unbounded memory.
+HIGH_WATER: Final = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class _Durable:
+    record: EventRecord
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _SessionWrite:
+    row: SessionRow
+
+
+_Item = _Durable | _Plain | _SessionWrite
+
+
+class Outbox:
+    def __init__(
+        self,
+        log: EventLog,
+        send: Callable[[bytes], Awaitable[Any]],
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self._log = log
+        self._send = send
+        self._executor = executor
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._enqueued = 0
+        self._done = 0
+        self.last_seq = log.last_seq
+        self.epoch = log.epoch
+
+    async def append(self, name: str, payload: dict[str, Any], session_id: str | None = None) -> int:
+        """Queue a durable event; returns its seq. Waits only when far ahead of the disk."""
+        seq = self.append_nowait(name, payload, session_id)
+        if len(self._queue) > HIGH_WATER:
+            await self._wait_for(self._done + len(self._queue) - HIGH_WATER // 2)
+        return seq
+
+    def append_nowait(self, name: str, payload: dict[str, Any], session_id: str | None = None) -> int:
+        """`append` without backpressure, for paths that must not await (cancellation)."""
+        seq = self.last_seq + 1
+        record = EventRecord(seq, name, session_id, {**payload, "seq": seq}, now_ms())
+        # Encoding here, not in the writer, makes a payload that cannot be encoded the
+        # caller's error, before it consumes a seq, instead of a dead writer.
+        frame = encode(WorkerEvent(seq, self.epoch, name, record.payload))
+        self.last_seq = seq
+        self._put(_Durable(record, frame))
+        return seq
+
+    def send(self, msg: WorkerToSupervisor) -> None:
+        """Queue a non-durable message behind everything queued so far."""
+        self._put(_Plain(encode(msg)))
+
+    def save_session(self, row: SessionRow) -> None:
+        """Queue a session row write; it commits with the next batch, in order."""
+        self._put(_SessionWrite(row))
+
+    async def flush(self) -> None:
+        """Wait until everything queued before this call has been sent."""
+        await self._wait_for(self._enqueued)
+
+    def _put(self, item: _Item) -> None:
+        self._queue.append(item)
+        self._enqueued += 1
+        self._wakeup.set()
+
+    async def _wait_for(self, count: int) -> None:
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._done >= count)
+
+    async def run(self) -> None:
+        """The writer task. Returns never; raises if a commit fails."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch: list[_Item] = []
+                while self._queue and len(batch) < MAX_BATCH:
+                    batch.append(self._queue.popleft())
+                events = [i.record for i in batch if isinstance(i, _Durable)]
+                sessions = [i.row for i in batch if isinstance(i, _SessionWrite)]
+                if events or sessions:
+                    await loop.run_in_executor(self._executor, self._log.write_batch, events, sessions)
+                for item in batch:
+                    if not isinstance(item, _SessionWrite):
+                        await self._send(item.frame)
+                async with self._progress:
+                    self._done += len(batch)
+                    self._progress.notify_all()
