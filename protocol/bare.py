@@ -86,7 +86,10 @@ class BareReader:
         raise self.error(field, f"uint longer than {_UINT_MAX_BYTES} bytes", start)
 
     def data(self, field: str) -> bytes:
+        start = self.offset
         length = self.uint(field)
+        if length > self.remaining:
+            raise self.error(field, f"length {length} but only {self.remaining} bytes left", start)
         return bytes(self._take(length, field))
 
     def string(self, field: str) -> str:

@@ -19,6 +19,7 @@ service values and raise `ActorvisorError` for a value outside the model (see
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -281,16 +282,23 @@ def _cbor_tag_hook(tag: cbor2.CBORTag, _immutable: bool) -> Any:
 
 
 def _cbor_tree(data: bytes, what: str) -> Any:
+    stream = io.BytesIO(data)
     try:
-        return cbor2.loads(data, tag_hook=_cbor_tag_hook, semantic_decoders=_CBOR_SEMANTIC_DECODERS,
-                           max_depth=_CBOR_MAX_DEPTH, allow_duplicate_keys=False,
-                           strict_hashable_types=True)
+        tree = cbor2.CBORDecoder(stream, tag_hook=_cbor_tag_hook,
+                                 semantic_decoders=_CBOR_SEMANTIC_DECODERS,
+                                 max_depth=_CBOR_MAX_DEPTH, allow_duplicate_keys=False,
+                                 strict_hashable_types=True).decode()
     except RecursionError:
         raise ProtocolError(f"{what}: CBOR nested too deeply") from None
     except Exception as exc:
         # cbor2 wraps hook errors; the innermost message is the one that names the problem.
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         raise ProtocolError(f"{what}: invalid CBOR: {cause}") from None
+    # One frame is one CBOR item; cbor2 would silently ignore what follows it.
+    if stream.tell() != len(data):
+        raise ProtocolError(f"{what}: {len(data) - stream.tell()} trailing bytes after the "
+                            f"CBOR item (at byte {stream.tell()})")
+    return tree
 
 
 def _tree(data: bytes | str, encoding: Encoding, what: str) -> Any:
