@@ -17,8 +17,8 @@ VM process could replace one of them with a symlink between two commands and mak
 start a second time because the symlinks it left behind already exist. With a tmpfs `/`
 every mount point is bwrap's own.
 
-Isolation: all namespaces unshared (so no network but `lo`), all capabilities dropped,
-a new session (no TTY injection), `--die-with-parent`. The environment is cleared and
+Isolation: all namespaces unshared (so no network but `lo`), no nested user namespaces,
+all capabilities dropped, a new session (no TTY injection), `--die-with-parent`. The environment is cleared and
 rebuilt. This module never runs anything on the host outside bwrap and never leaves a
 process behind: every command's process group is killed when it ends, times out, or its
 caller is cancelled.
@@ -88,6 +88,11 @@ def bwrap_argv(
     argv = [
         "bwrap",
         "--unshare-all",
+        # Explicit (not "try") so a host where it fails refuses to boot rather than
+        # silently running the VM without its own user namespace; and no nested user
+        # namespaces, which would hand VM processes fresh capabilities to probe the kernel.
+        "--unshare-user",
+        "--disable-userns",
         "--die-with-parent",
         "--new-session",
         "--cap-drop", "ALL",

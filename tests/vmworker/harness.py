@@ -7,15 +7,18 @@ order, so tests can assert ordering exactly as the supervisor will see it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 import zmq.asyncio
 
@@ -35,6 +38,14 @@ from protocol.worker import (
 REPO = Path(__file__).resolve().parents[2]
 
 
+def descendants(pid: int) -> list[psutil.Process]:
+    """Live descendants of `pid` (tests assert the worker leaves none)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 @dataclass
 class WorkerHarness:
     tmp: Path
@@ -44,6 +55,7 @@ class WorkerHarness:
     heartbeat_interval: float = 0.2
     generation: int = 0
     received: list[WorkerToSupervisor] = field(default_factory=list)
+    uncommitted: list[int] = field(default_factory=list)  # events seen before their commit
     proc: asyncio.subprocess.Process | None = None
 
     def __post_init__(self) -> None:
@@ -79,6 +91,8 @@ class WorkerHarness:
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
                 stderr=log_file,
+                # Its own group, as the supervisor's spawner does: close() kills the group.
+                start_new_session=True,
             )
         self.received.clear()
         self._pump = asyncio.create_task(self._pump_frames())
@@ -90,9 +104,20 @@ class WorkerHarness:
         while True:
             identity, frame = await self.router.recv_multipart()
             self.identity = identity
+            msg = decode(frame)
+            if isinstance(msg, WorkerEvent) and not self._committed(msg.seq):
+                self.uncommitted.append(msg.seq)
             async with self._arrived:
-                self.received.append(decode(frame))  # type: ignore[arg-type]
+                self.received.append(msg)  # type: ignore[arg-type]
                 self._arrived.notify_all()
+
+    def _committed(self, seq: int) -> bool:
+        """Is `seq` in the worker's SQLite log right now (read as the supervisor will)?"""
+        conn = sqlite3.connect(f"file:{self.actor_dir / 'events.db'}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is not None
+        finally:
+            conn.close()
 
     async def _send_heartbeats(self) -> None:
         while True:
@@ -160,8 +185,16 @@ class WorkerHarness:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(t for t in (self._pump, self._beat) if t), return_exceptions=True)
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-            await self.proc.wait()
+        if self.proc is not None:
+            leftovers = descendants(self.proc.pid)
+            if self.proc.returncode is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await self.proc.wait()
+            for child in leftovers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
         self.router.close(linger=0)
         self._ctx.term()

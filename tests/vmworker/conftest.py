@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from protocol.worker import WorkerToSupervisor, decode
+from vmworker.actions import Actions
+from vmworker.eventlog import EventLog, EventReader
+from vmworker.outbox import Outbox
+from vmworker.sessions import SessionManager
+from vmworker.vm import Vm
+
+from .harness import WorkerHarness
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A tmp dir with a short path: ipc:// socket paths must stay under ~107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="avw-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def harness(short_tmp: Path) -> AsyncIterator[WorkerHarness]:
+    h = WorkerHarness(short_tmp)
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+@dataclass
+class InProcessActor:
+    """The worker's components wired as main.py wires them, minus the socket: frames the
+    outbox sends are decoded into `sent`, in order."""
+
+    actor_dir: Path
+    log: EventLog
+    outbox: Outbox
+    vm: Vm
+    sessions: SessionManager
+    actions: Actions
+    sent: list[WorkerToSupervisor]
+
+    async def call(self, name: str, *args: object) -> object:
+        return await self.actions.dispatch(name, list(args))
+
+
+@pytest.fixture
+async def actor(tmp_path: Path) -> AsyncIterator[InProcessActor]:
+    actor_dir = tmp_path / "actors" / "a1"
+    actor_dir.mkdir(parents=True)
+    writer, reader_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    log = EventLog.open(actor_dir / "events.db")
+    reader = EventReader(log.path)
+    sent: list[WorkerToSupervisor] = []
+
+    async def send(frame: bytes) -> None:
+        # Round-trip through the real codec, exactly as the supervisor would see it.
+        cbor2.loads(frame)
+        sent.append(decode(frame))
+
+    outbox = Outbox(log, send, writer)
+    vm = Vm(actor_dir, boot_delay_s=0.0)
+    sessions = SessionManager(outbox, vm, log.load_sessions())
+    actions = Actions(vm, sessions, outbox, reader, reader_pool, restarts=0)
+    writer_task = asyncio.create_task(outbox.run())
+    await vm.boot()
+    try:
+        yield InProcessActor(actor_dir, log, outbox, vm, sessions, actions, sent)
+    finally:
+        sessions.cancel_all()
+        await vm.sandbox.kill_all()
+        await asyncio.wait_for(outbox.flush(), 10)
+        writer_task.cancel()
+        await asyncio.gather(writer_task, return_exceptions=True)
+        reader_pool.submit(reader.close).result()
+        writer.submit(log.close).result()
+        writer.shutdown()
+        reader_pool.shutdown()

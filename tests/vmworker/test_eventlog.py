@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from protocol.worker import Reply, WorkerEvent, decode
+from vmworker.eventlog import EventLog, EventReader, EventRecord, SessionRow
+from vmworker.outbox import Outbox
+
+
+def record(seq: int, name: str = "e", session: str | None = None) -> EventRecord:
+    return EventRecord(seq, name, session, {"n": seq, "seq": seq}, 1000 + seq)
+
+
+def test_seq_continues_gap_free_and_epoch_is_stable_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    log = EventLog.open(path)
+    epoch = log.epoch
+    assert log.last_seq == 0
+    log.write_batch([record(1), record(2)], [])
+    log.close()
+
+    log = EventLog.open(path)
+    assert (log.epoch, log.last_seq) == (epoch, 2)
+    with pytest.raises(RuntimeError, match="seq gap"):
+        log.write_batch([record(4)], [])
+    log.write_batch([record(3)], [])
+    log.close()
+
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq")] == [1, 2, 3]
+    assert dict(conn.execute("SELECT key, value FROM meta")) == {"epoch": epoch, "schema_version": "1"}
+    conn.close()
+
+
+def test_recreated_log_gets_a_new_epoch_and_restarts_at_seq_1(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    log = EventLog.open(path)
+    old = log.epoch
+    log.write_batch([record(1)], [])
+    log.close()
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    log = EventLog.open(path)
+    assert log.epoch != old
+    assert log.last_seq == 0
+    log.close()
+
+
+def test_payload_is_cbor_with_seq_and_readable_by_another_process_connection(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    log.write_batch([record(1, "sessionEvent", "s1")], [SessionRow("s1", "local", {}, 5, "idle")])
+    # The supervisor's read-only replay connection, while the writer is still open.
+    ro = sqlite3.connect(f"file:{tmp_path / 'events.db'}?mode=ro", uri=True)
+    name, session, blob = ro.execute("SELECT name, session_id, payload FROM events").fetchone()
+    assert (name, session, cbor2.loads(blob)) == ("sessionEvent", "s1", {"n": 1, "seq": 1})
+    ro.close()
+    log.close()
+
+
+def test_cursor_reads_page_with_has_more_and_filter(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    log.write_batch([record(i, "a" if i % 2 else "b", "s1" if i <= 4 else "s2")
+                     for i in range(1, 11)], [])
+    reader = EventReader(log.path)
+    page = reader.read(after=0, limit=4)
+    assert [e.seq for e in page.events] == [1, 2, 3, 4]
+    assert (page.next_cursor, page.has_more) == (4, True)
+    page = reader.read(after=8, limit=4)
+    assert [e.seq for e in page.events] == [9, 10]
+    assert (page.next_cursor, page.has_more) == (10, False)
+    page = reader.read(after=10, limit=4)
+    assert (page.events, page.next_cursor, page.has_more) == ([], 10, False)
+    assert [e.seq for e in reader.read(0, 100, ["b"]).events] == [2, 4, 6, 8, 10]
+    assert [e.seq for e in reader.read_session("s1", "a", 0, 100).events] == [1, 3]
+    reader.close()
+    log.close()
+
+
+def test_sessions_round_trip_and_status_updates(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    log.write_batch([], [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "idle")])
+    log.write_batch([], [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "closed")])
+    assert log.load_sessions() == [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "closed")]
+    log.close()
+
+
+class _SlowLog(EventLog):
+    """A real log whose commits take a while: a slow disk, to make batches observable."""
+
+    batches: list[int]
+
+    def write_batch(self, events, sessions):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(0.02)
+        super().write_batch(events, sessions)
+        self.batches.append(len(events))
+
+
+async def test_outbox_commits_before_send_in_order_and_groups_commits(tmp_path: Path) -> None:
+    base = EventLog.open(tmp_path / "events.db")
+    log = _SlowLog(base.path, base._conn, base.epoch, base.last_seq)
+    log.batches = []
+    reader = EventReader(log.path)
+    sent: list[tuple[object, int]] = []
+
+    async def send(frame: bytes) -> None:
+        msg = decode(frame)
+        # What was committed at the moment of sending: the event must already be there.
+        committed = reader.read(0, 100_000).next_cursor
+        sent.append((msg, committed))
+
+    with ThreadPoolExecutor(1) as executor:
+        outbox = Outbox(log, send, executor)
+        writer = asyncio.create_task(outbox.run())
+        seqs = [await outbox.append("e", {"i": 0})]
+        await asyncio.sleep(0.005)  # the writer is now inside its first (slow) commit
+        for i in range(1, 200):
+            seqs.append(await outbox.append("e", {"i": i}))
+        outbox.send(Reply(1, True, "done"))
+        await asyncio.wait_for(outbox.flush(), 10)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    reader.close()
+    log.close()
+
+    assert seqs == list(range(1, 201))
+    events = [m for m, _ in sent if isinstance(m, WorkerEvent)]
+    assert [e.seq for e in events] == seqs
+    assert all(e.payload == {"i": e.seq - 1, "seq": e.seq} and e.epoch == log.epoch for e in events)
+    assert all(committed >= m.seq for m, committed in sent if isinstance(m, WorkerEvent))
+    assert isinstance(sent[-1][0], Reply)  # the reply queued last went out last
+    # Group commit: 200 events in far fewer transactions than events.
+    assert sum(log.batches) == 200
+    assert len(log.batches) <= 3, log.batches
+
+
+async def test_outbox_unencodable_payload_fails_the_caller_without_using_a_seq(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    with ThreadPoolExecutor(1) as executor:
+        outbox = Outbox(log, lambda frame: asyncio.sleep(0), executor)
+        with pytest.raises(Exception):
+            await outbox.append("e", {"bad": object()})
+        assert await outbox.append("e", {}) == 1
+    log.close()

@@ -1,0 +1,193 @@
+"""`python -m vmworker` as a real process against a test-owned ROUTER on an ipc socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from protocol.errors import ErrorCode
+from protocol.worker import Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
+
+from .harness import WorkerHarness, descendants
+
+
+def events(h: WorkerHarness) -> list[WorkerEvent]:
+    return [m for m in h.received if isinstance(m, WorkerEvent)]
+
+
+async def test_hello_comes_before_boot_and_health_is_answered_mid_boot(harness: WorkerHarness) -> None:
+    harness.boot_delay = 1.0
+    harness.generation = 4
+    started = time.monotonic()
+    await harness.start()
+    hello = harness.received[0]
+    assert isinstance(hello, Hello)
+    assert harness.proc is not None and hello.pid == harness.proc.pid
+    assert hello.actor_id == "actor1" and hello.last_seq == 0 and hello.epoch
+    health = await harness.call("getRuntimeHealth")
+    assert time.monotonic() - started < 1.0, "health must not wait for the boot"
+    assert health["phase"] == "booting" and health["booted"] is False
+    assert health["restarts"] == 4 and health["pid"] == hello.pid
+    # An action that needs the VM waits for it instead of failing.
+    session = asyncio.create_task(harness.call("createSession", "local"))
+
+    booted = await harness.wait_event("vmBooted")
+    assert booted.seq == 1 and booted.payload["bootMs"] >= 1000
+    assert booted.epoch == hello.epoch
+    await session
+    kinds = [type(m).__name__ if not isinstance(m, Phase) else f"phase:{m.phase}"
+             for m in harness.received if not type(m).__name__ == "Heartbeat"]
+    assert kinds[:2] == ["Hello", "phase:booting"]
+    assert kinds.index("WorkerEvent") < kinds.index("phase:ready")
+    ready = next(m for m in harness.received if isinstance(m, Phase) and m.phase == "ready")
+    assert ready.detail == {"bootMs": booted.payload["bootMs"]}
+
+
+async def test_prompt_events_are_committed_ordered_before_reply_and_match_history(
+        harness: WorkerHarness) -> None:
+    await harness.start()
+    await harness.wait_event("vmBooted")
+    session_id = (await harness.call("createSession", "local"))["sessionId"]
+    before = len(harness.received)
+    reply = await harness.request("sendPrompt", session_id, "think: hm\nrun: echo hi\nchunks: 50\nbye")
+    assert reply.ok and reply.value["stopReason"] == "end_turn"
+
+    tail = harness.received[before:]
+    reply_at = tail.index(reply)
+    turn_events = [m for m in tail if isinstance(m, WorkerEvent) and m.name == "sessionEvent"]
+    # Every event of the turn arrived before its reply, in seq order, gap-free.
+    assert all(tail.index(m) < reply_at for m in turn_events)
+    seqs = [m.seq for m in turn_events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert harness.uncommitted == []
+    assert turn_events[0].payload["event"]["params"]["update"]["sessionUpdate"] == "user_message_chunk"
+
+    history = await harness.call("getSessionEvents", session_id)
+    assert history["hasMore"] is False and history["nextCursor"] == seqs[-1]
+    assert [(e["seq"], e["event"]) for e in history["events"]] == [
+        (m.seq, m.payload["event"]) for m in turn_events]
+    assert all(m.payload == {"sessionId": session_id, "seq": m.seq, "event": m.payload["event"]}
+               for m in turn_events)
+
+
+async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness: WorkerHarness) -> None:
+    await harness.start()
+    await harness.wait_event("vmBooted")
+    session_id = (await harness.call("createSession", "local"))["sessionId"]
+    exec_task = asyncio.create_task(harness.request("exec", "sleep 300"))
+    prompt_task = asyncio.create_task(harness.request("sendPrompt", session_id, "hi\nsleep: 300"))
+    await asyncio.sleep(0.5)
+    assert harness.proc is not None
+    assert descendants(harness.proc.pid), "the exec should be running in the VM"
+    # A long turn never blocks other actions.
+    t = time.monotonic()
+    assert (await harness.call("getRuntimeHealth"))["sessions"] == 1
+    assert time.monotonic() - t < 1
+
+    await harness.send(Sleep())
+    assert await harness.wait_exit() == 0
+    shutdown = await harness.wait_event("vmShutdown")
+    assert shutdown.payload == {"reason": "sleep", "seq": shutdown.seq}
+    assert shutdown.seq == events(harness)[-1].seq
+    prompt = await prompt_task
+    assert prompt.ok and prompt.value == {"text": "You said: hi\n", "stopReason": "cancelled"}
+    exec_reply = await exec_task
+    assert not exec_reply.ok and exec_reply.error is not None
+    assert exec_reply.error.code is ErrorCode.STOPPED
+    # The replies went out before vmShutdown.
+    assert harness.received.index(prompt) < harness.received.index(shutdown)
+    assert descendants(harness.proc.pid) == []
+    assert not [p for p in _all_sleepers() if "300" in p]
+
+
+def _all_sleepers() -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("sleep "):
+                out.append(cmd)
+    return out
+
+
+async def test_shutdown_means_destroy_and_sigterm_means_sleep(harness: WorkerHarness) -> None:
+    await harness.start()
+    await harness.wait_event("vmBooted")
+    await harness.send(Shutdown())
+    assert await harness.wait_exit() == 0
+    assert (await harness.wait_event("vmShutdown")).payload["reason"] == "destroy"
+
+    await harness.start()
+    await harness.wait_event("vmBooted")
+    assert harness.proc is not None
+    harness.proc.send_signal(signal.SIGTERM)
+    assert await harness.wait_exit() == 0
+    assert (await harness.wait_event("vmShutdown")).payload["reason"] == "sleep"
+
+
+async def test_restart_keeps_epoch_seq_and_sessions(harness: WorkerHarness) -> None:
+    await harness.start()
+    first_hello = harness.received[0]
+    assert isinstance(first_hello, Hello)
+    await harness.wait_event("vmBooted")
+    session_id = (await harness.call("createSession", "local"))["sessionId"]
+    await harness.call("sendPrompt", session_id, "one")
+    await harness.send(Sleep())
+    assert await harness.wait_exit() == 0
+    last = events(harness)[-1].seq
+
+    await harness.start()
+    hello = harness.received[0]
+    assert isinstance(hello, Hello)
+    assert (hello.epoch, hello.last_seq) == (first_hello.epoch, last)
+    booted = await harness.wait_event("vmBooted")
+    assert booted.seq == last + 1
+    assert [s["sessionId"] for s in await harness.call("listSessions")] == [session_id]
+    assert (await harness.call("sendPrompt", session_id, "two"))["text"] == "You said: two\n"
+    replay = await harness.call("replayEvents", {"names": ["vmBooted", "vmShutdown"]})
+    assert [e["name"] for e in replay["events"]] == ["vmBooted", "vmShutdown", "vmBooted"]
+
+
+async def test_bad_frames_are_ignored(harness: WorkerHarness) -> None:
+    await harness.start()
+    for frame in (b"", b"\xff\xfe", b"\xa1\x61t\x63bad", b"\x83\x01\x02\x03"):
+        await harness.send_raw(frame)
+    reply = await harness.request("getRuntimeHealth")
+    assert reply.ok
+    assert "bad_frame" in harness.worker_log()
+
+
+async def test_unknown_action_and_bad_args_get_error_replies(harness: WorkerHarness) -> None:
+    await harness.start()
+    err = await harness.call_error("launchMissiles")
+    assert err.code is ErrorCode.UNKNOWN_ACTION
+    err = await harness.call_error("readFile", "/etc/shadow")
+    assert err.code is ErrorCode.INVALID_PATH
+
+
+async def test_silent_supervisor_makes_the_worker_exit(harness: WorkerHarness) -> None:
+    harness.supervisor_timeout = 1.0
+    await harness.start(heartbeats=False)
+    started = time.monotonic()
+    assert await harness.wait_exit() == 3
+    assert time.monotonic() - started < 5
+    assert (await harness.wait_event("vmShutdown")).payload["reason"] == "error"
+
+
+async def test_boot_failure_is_reported_and_fails_vm_actions(harness: WorkerHarness) -> None:
+    (harness.actor_dir / "root").mkdir(parents=True)
+    (harness.actor_dir / "root" / "workspace").write_text("not a directory")
+    await harness.start()
+    failed = await harness.wait_for(lambda m: isinstance(m, Phase) and m.phase == "failed")
+    assert isinstance(failed, Phase) and "not a directory" in failed.detail["error"]
+    err = await harness.call_error("exec", "true")
+    assert err.code is ErrorCode.FAILED and "failed to boot" in err.message
+    health = await harness.call("getRuntimeHealth")
+    assert (health["phase"], health["booted"]) == ("failed", False)
+    assert isinstance(await harness.request("listSessions"), Reply)
