@@ -12,9 +12,11 @@ Shapes and bytes follow the npm client `rivetkit@2.3.19` (`common/client-protoco
 * bare: a 2-byte little-endian version (4), a u8 union tag, then the fields; args,
   outputs and metadata are CBOR byte strings written with JSON-compat escaping.
 
-Decoders take untrusted bytes and raise `ProtocolError` and nothing else; encoders take
+Decoders take untrusted bytes and raise `ProtocolError` and nothing else. Encoders take
 service values and raise `ActorvisorError` for a value outside the model (see
-`compat.py`). Nothing here does I/O or knows about connections.
+`compat.py`): `actor.internal_error` for what we send as a server, `actor.invalid_args`
+for args our client sends; an id or generation that is not a u64 is a bug in the caller
+(`ValueError`). Nothing here does I/O or knows about connections.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class SubscriptionRequest:
 ToClient = Init | ErrorMsg | ActionResponse | Event
 ToServer = ActionRequest | SubscriptionRequest
 
+# Union members in v4 order: the index is the bare union tag.
 _TO_CLIENT_TAGS: Final = ("Init", "Error", "ActionResponse", "Event")
 _TO_SERVER_TAGS: Final = ("ActionRequest", "SubscriptionRequest")
 _CBOR_MAX_DEPTH: Final = compat.MAX_DEPTH + 8  # room for the message envelope
@@ -215,9 +218,15 @@ def _json_dumps(tree: Any) -> str:
     return json.dumps(tree, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _id_wire(value: int, encoding: Encoding) -> Any:
+def _u64(value: int, field: str) -> int:
+    # Ids and counters come from our own code, not from users: a bad one is a bug.
     if not 0 <= value <= UINT_MAX:
-        raise ActorvisorError(ErrorCode.INTERNAL, f"id {value} is not a u64")
+        raise ValueError(f"{field} must be a u64, got {value}")
+    return value
+
+
+def _id_wire(value: int, encoding: Encoding, field: str) -> Any:
+    _u64(value, field)
     return [compat.BIGINT, str(value)] if encoding is Encoding.JSON else _U64(value)
 
 
@@ -305,9 +314,7 @@ def _tree(data: bytes | str, encoding: Encoding, what: str) -> Any:
     """Parse a json or cbor message into its raw tree."""
     if encoding is Encoding.JSON:
         return _json_tree(data, what)
-    if isinstance(data, str):
-        raise ProtocolError(f"{what}: {encoding} messages must be binary, got text")
-    return _cbor_tree(data, what)
+    return _cbor_tree(_binary(data, encoding, what), what)
 
 
 def _binary(data: bytes | str, encoding: Encoding, what: str) -> bytes:
@@ -465,11 +472,12 @@ def encode_to_client(msg: ToClient, encoding: Encoding) -> bytes | str:
             if msg.metadata is not None:
                 val["metadata"] = _out(msg.metadata, encoding, "metadata")
             # The client's schema requires actionId (nullable) but only an absent actor.
-            val["actionId"] = None if msg.action_id is None else _id_wire(msg.action_id, encoding)
+            val["actionId"] = (None if msg.action_id is None
+                               else _id_wire(msg.action_id, encoding, "actionId"))
             if msg.actor is not None:
                 val["actor"] = _actor_tree(msg.actor)
         case ActionResponse():
-            tag, val = "ActionResponse", {"id": _id_wire(msg.id, encoding),
+            tag, val = "ActionResponse", {"id": _id_wire(msg.id, encoding, "id"),
                                           "output": _out(msg.output, encoding, "output")}
         case Event():
             tag, val = "Event", {"name": msg.name, "args": _out(msg.args, encoding, "event args")}
@@ -477,7 +485,8 @@ def encode_to_client(msg: ToClient, encoding: Encoding) -> bytes | str:
 
 
 def _actor_tree(actor: ActorSpecifier) -> dict[str, Any]:
-    tree: dict[str, Any] = {"actorId": actor.actor_id, "generation": actor.generation}
+    tree: dict[str, Any] = {"actorId": actor.actor_id,
+                            "generation": _u64(actor.generation, "generation")}
     if actor.key is not None:
         tree["key"] = actor.key
     return tree
@@ -588,14 +597,14 @@ def encode_to_server(msg: ToServer, encoding: Encoding) -> bytes | str:
             # npm sends its args through jsonStringifyCompat in json but as plain CBOR in cbor.
             form = Form.JSON if encoding is Encoding.JSON else Form.CBOR_PLAIN
             tag, val = "ActionRequest", {
-                "id": _id_wire(msg.id, encoding), "name": msg.name,
+                "id": _id_wire(msg.id, encoding, "id"), "name": msg.name,
                 "args": compat.escape(msg.args, form=form, where="args",
                                       code=ErrorCode.INVALID_ARGS)}
         case SubscriptionRequest():
             tag, val = "SubscriptionRequest", {"eventName": msg.event_name,
                                                "subscribe": msg.subscribe}
             if msg.after is not None:
-                val["after"] = msg.after
+                val["after"] = _u64(msg.after, "after")
             if msg.epoch is not None:
                 val["epoch"] = msg.epoch
     return _finish({"body": {"tag": tag, "val": val}}, encoding)

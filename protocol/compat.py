@@ -30,6 +30,10 @@ from .errors import ActorvisorError, ErrorCode, ProtocolError
 MAX_DEPTH: Final = 128
 """Deepest nesting of lists/dicts accepted or produced inside one value."""
 
+MAX_INT_BITS: Final = 4096
+"""Largest integer magnitude accepted or produced, in bits. Far beyond any id or count;
+it keeps decimal conversion (`$BigInt`) cheap and under Python's 4300-digit limit."""
+
 JS_MAX_SAFE_INTEGER: Final = (1 << 53) - 1
 
 BIGINT: Final = "$BigInt"
@@ -39,7 +43,7 @@ UNDEFINED: Final = "$Undefined"
 
 _CBOR_SHORT_INT_MIN: Final = -(1 << 32)
 _CBOR_SHORT_INT_END: Final = 1 << 32
-_DECIMAL = re.compile(r"-?[0-9]{1,1000}")
+_DECIMAL = re.compile(r"-?[0-9]{1,1300}")
 
 
 class _Invalid(Exception):
@@ -96,6 +100,11 @@ def checked_str(value: str, where: str) -> str:
     except _Invalid as exc:
         raise ProtocolError(f"{where}: {exc.problem}") from None
     return value
+
+
+def _check_int(value: int) -> None:
+    if value.bit_length() > MAX_INT_BITS:
+        raise _Invalid(f"integer of {value.bit_length()} bits is larger than {MAX_INT_BITS} bits")
 
 
 def escape(value: Any, *, form: Form, where: str, code: ErrorCode) -> Any:
@@ -163,6 +172,7 @@ class _Escaper:
         raise _Invalid(f"unsupported type {type(value).__name__}")
 
     def _int(self, value: int) -> Any:
+        _check_int(value)
         safe = -JS_MAX_SAFE_INTEGER <= value <= JS_MAX_SAFE_INTEGER
         if not safe:
             # Beyond 2**53 only a JS BigInt holds the value exactly.
@@ -196,6 +206,7 @@ def _from_wire(tree: Any, compat: bool, depth: int) -> Any:
         return None
     kind = type(tree)
     if kind is int:
+        _check_int(tree)
         return tree
     if kind is float:
         if not math.isfinite(tree):
@@ -244,7 +255,9 @@ def _revive_pair(pair: list[Any], depth: int) -> Any:
     if kind == BIGINT:
         if not isinstance(payload, str) or not _DECIMAL.fullmatch(payload):
             _bad_pair(kind, "a decimal integer string", payload)
-        return int(payload)
+        value = int(payload)
+        _check_int(value)
+        return value
     if kind in (UINT8ARRAY, ARRAYBUFFER):
         if not isinstance(payload, str):
             _bad_pair(kind, "a base64 string", payload)

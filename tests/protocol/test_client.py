@@ -412,3 +412,11 @@ def test_encoders_name_bad_values() -> None:
     with pytest.raises(ActorvisorError) as info:
         encode_http_action_request([object()], Encoding.BARE)
     assert info.value.code is ErrorCode.INVALID_ARGS
+
+
+def test_ids_that_are_not_u64_are_caller_bugs() -> None:
+    for encoding in ENCODINGS:
+        with pytest.raises(ValueError):
+            encode_to_client(ActionResponse(-1, None), encoding)
+        with pytest.raises(ValueError):
+            encode_to_server(ActionRequest(2**64, "a", []), encoding)

@@ -117,7 +117,9 @@ def test_plain_values_are_taken_literally() -> None:
     ([1, {"a": ["$BigInt", 5]}], "args[1].a: $BigInt needs a decimal integer string, got 5"),
     (["$BigInt", "1e3"], "$BigInt needs a decimal integer string"),
     (["$BigInt", " 1"], "$BigInt needs a decimal integer string"),
-    (["$BigInt", "9" * 1001], "$BigInt needs a decimal integer string"),
+    (["$BigInt", "9" * 1301], "$BigInt needs a decimal integer string"),
+    (["$BigInt", "9" * 1300], "integer of 4319 bits is larger than 4096 bits"),
+    ([1 << 4096], "args[0]: integer of 4097 bits is larger than 4096 bits"),
     (["$Uint8Array", "AQ"], "$Uint8Array needs valid padded base64"),
     (["$Uint8Array", "A*=="], "$Uint8Array needs valid padded base64"),
     (["$ArrayBuffer", 1], "$ArrayBuffer needs a base64 string"),
@@ -148,6 +150,7 @@ def test_depth_limit_is_inclusive() -> None:
     ({1: "x"}, "cannot encode output: dict key 1 is not a str"),
     (["\ud800"], "cannot encode output[0]: string contains a lone UTF-16 surrogate"),
     (nested(MAX_DEPTH + 1), f"nested deeper than {MAX_DEPTH} levels"),
+    ({"n": -(1 << 5000)}, "cannot encode output.n: integer of 5001 bits is larger than 4096"),
 ])
 def test_encoding_a_value_outside_the_model_raises_with_the_given_code(
         value: Any, problem: str) -> None:

@@ -231,3 +231,31 @@ def test_subprotocols_parse_as_rivetkit_parses_them(harness: jsref.Harness) -> N
     assert result == {"value": jsref.js_obj(encoding="cbor", connParams=jsref.js_obj(
         token="a b/ü", n=[1, True, None]), ackHookToken=jsref.JS_UNDEFINED)}
     assert parse_ws_subprotocols(offered) == (Encoding.CBOR, params)
+
+
+@live
+def test_npm_client_rejects_the_shapes_our_encoder_avoids(harness: jsref.Harness) -> None:
+    init = '{"body":{"tag":"Init","val":{"actorId":"a","connectionId":"c"}}}'
+    jobs = [
+        # json may arrive as a binary frame; cbor may not arrive as text.
+        {"op": "parse_to_client", "encoding": "json", "hex": init.encode().hex()},
+        {"op": "parse_to_client", "encoding": "cbor", "text": init},
+        # actionId must be present; null is how "no action" is said.
+        {"op": "parse_to_client", "encoding": "json",
+         "text": '{"body":{"tag":"Error","val":{"group":"g","code":"c","message":"m"}}}'},
+        # an actor may be absent but not null.
+        {"op": "parse_to_client", "encoding": "json",
+         "text": '{"body":{"tag":"Error","val":{"group":"g","code":"c","message":"m",'
+                 '"actionId":null,"actor":null}}}'},
+        # ids must decode to BigInt: a plain number fails in json, a short CBOR head in cbor.
+        {"op": "parse_to_client", "encoding": "json",
+         "text": '{"body":{"tag":"ActionResponse","val":{"id":1,"output":1}}}'},
+        {"op": "parse_to_client", "encoding": "cbor",
+         "hex": cbor2.dumps({"body": {"tag": "ActionResponse",
+                                      "val": {"id": 1, "output": 1}}}).hex()},
+    ]
+    accepted, *rejected = harness.run(jobs)
+    assert "value" in accepted
+    assert "buffer cannot be string" in rejected[0]["error"]
+    for result, path in zip(rejected[1:], ["actionId", "actor", "id", "id"], strict=True):
+        assert f'"{path}"' in result["error"], result
