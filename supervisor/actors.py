@@ -1,7 +1,7 @@
 """Actors: the registry and the one state machine that decides when workers run.
 
 Every state change goes through `Actor.transition`, and every worker exit through
-`ActorManager._on_exit`, which reaps the child. Actions are handed to a worker the moment
+`ActorManager._watch`, which reaps the child. Actions are handed to a worker the moment
 it has said `hello`; before that they wait in a bounded queue, so nothing here ever
 awaits a worker on behalf of a connection being opened.
 
@@ -20,8 +20,10 @@ import asyncio
 import hashlib
 import itertools
 import json
+import random
 import shutil
 import signal
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +36,8 @@ import structlog
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
-from protocol.names import ACTOR_KINDS, ActionName, ShutdownReason, WorkerPhase
+from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
+from vmworker.eventlog import EventLog, EventRecord, now_ms
 
 from .config import Config
 from .relay import ActorRelay
@@ -43,8 +46,18 @@ from .spawner import Spawner, WorkerProcess, WorkerSpec
 log = structlog.get_logger("supervisor.actors")
 
 MAX_KEY_BYTES = 512
-RESTART_INTENSITY = 5
-RESTART_PERIOD = 60.0
+
+
+def append_event(db_path: Path, name: str, payload: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
+    """Append one event to an actor's log on behalf of a worker that is gone (blocking)."""
+    event_log = EventLog.open(db_path)
+    try:
+        seq = event_log.last_seq + 1
+        full = {**payload, "seq": seq}
+        event_log.write_batch([EventRecord(seq, name, None, full, now_ms())], [])
+        return event_log.epoch, seq, full
+    finally:
+        event_log.close()
 
 
 class ActorState(StrEnum):
@@ -96,7 +109,15 @@ class Actor:
     started_at: float | None = None
     last_seen: float = 0.0
     stop_reason: ShutdownReason | None = None
+    kill_reason: ShutdownReason | None = None
     exit_task: asyncio.Task[None] | None = None
+    idle_since: float | None = None
+    # Set while nothing about a past worker is still being recorded: a new worker of
+    # this actor may open the event log only then.
+    quiet: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.quiet.set()
 
     def transition(self, new: ActorState, **why: Any) -> None:
         if new is self.state:
@@ -210,8 +231,9 @@ class ActorManager:
                                   f"the {actor.name} actor has no action {name[:64]!r}") from None
         if actor.state is ActorState.FAILED:
             raise ActorvisorError(ErrorCode.FAILED,
-                                  f"actor {actor.id} crashed {RESTART_INTENSITY} times within "
-                                  f"{RESTART_PERIOD:.0f}s and is marked failed; restart the service to reset it")
+                                  f"actor {actor.id} crashed more than {self._config.restart_intensity} "
+                                  f"times within {self._config.restart_period:.0f}s and is marked failed; "
+                                  f"reset it (POST /admin/actors/{actor.id}/reset) or restart the service")
         if not self.accepting:
             raise ActorvisorError(ErrorCode.STOPPED, "the service is shutting down; retry shortly")
         action = wire.Action(next(self._ids), name, list(args))
@@ -249,11 +271,23 @@ class ActorManager:
         self._own(asyncio.create_task(self._spawn(actor), name=f"spawn-{actor.id}"))
 
     async def _spawn(self, actor: Actor) -> None:
+        await actor.quiet.wait()
+        if actor.restarts:
+            # Jittered backoff, growing with the crashes in the current window.
+            await asyncio.sleep(min(2.0, 0.025 * 2 ** len(actor.restarts)) * random.uniform(0.5, 1.0))
+        if actor.state is not ActorState.SPAWNING:
+            return
+        limits = {}
+        if self._config.worker_memory_mb:
+            limits["memory_mb"] = self._config.worker_memory_mb
+        if self._config.worker_open_files:
+            limits["open_files"] = self._config.worker_open_files
         spec = WorkerSpec(
             actor_id=actor.id, actor_name=actor.name, actor_key=actor.key,
             endpoint=self._endpoint, state_dir=self._config.state_dir.resolve(),
             boot_delay=self._config.boot_delay, generation=actor.generation,
             heartbeat_interval=self._config.heartbeat_interval, log_level=self._config.log_level,
+            limits=limits,
         )
         try:
             proc = await self._spawner.spawn(spec)
@@ -263,6 +297,7 @@ class ActorManager:
             actor.transition(ActorState.CRASHED, error=str(exc))
             return
         actor.proc = proc
+        actor.kill_reason = None
         actor.started_at = time.monotonic()
         actor.last_seen = time.monotonic()
         log.info("worker_spawned", actor=actor.id, pid=proc.pid, generation=actor.generation)
@@ -271,9 +306,6 @@ class ActorManager:
 
     async def _watch(self, actor: Actor, proc: WorkerProcess) -> None:
         status = await proc.wait()
-        self._on_exit(actor, proc, status)
-
-    def _on_exit(self, actor: Actor, proc: WorkerProcess, status: int) -> None:
         if actor.proc is not proc:
             return
         # The worker led its own process group: take anything it left behind with it.
@@ -285,18 +317,42 @@ class ActorManager:
             self._fail_inflight(actor, ActorvisorError(ErrorCode.STOPPED, "the actor was stopped"))
             actor.transition(ActorState.STOPPED, status=status, reason=actor.stop_reason)
             return
-        log.warning("worker_exited", actor=actor.id, pid=proc.pid, status=status)
+        reason = actor.kill_reason or ShutdownReason.CRASH
+        log.warning("worker_exited", actor=actor.id, pid=proc.pid, status=status, reason=reason.value)
         self._fail_inflight(actor, ActorvisorError(
-            ErrorCode.WORKER_CRASHED, f"the actor's worker process exited unexpectedly (status {status})"))
+            ErrorCode.WORKER_CRASHED,
+            f"the actor's worker process {'hung and was killed' if reason is ShutdownReason.HANG else 'exited unexpectedly'}"
+            f" (status {status}); the next action starts it again"))
         now = time.monotonic()
         actor.restarts.append(now)
-        while actor.restarts and now - actor.restarts[0] > RESTART_PERIOD:
+        while actor.restarts and now - actor.restarts[0] > self._config.restart_period:
             actor.restarts.popleft()
         actor.generation += 1
-        if len(actor.restarts) > RESTART_INTENSITY:
+        if len(actor.restarts) > self._config.restart_intensity:
             actor.transition(ActorState.FAILED, status=status, restarts=len(actor.restarts))
         else:
-            actor.transition(ActorState.CRASHED, status=status)
+            actor.transition(ActorState.CRASHED, status=status, reason=reason.value)
+        actor.quiet.clear()
+        try:
+            await self._record_shutdown(actor, reason)
+        finally:
+            actor.quiet.set()
+
+    async def _record_shutdown(self, actor: Actor, reason: ShutdownReason) -> None:
+        """Write `vmShutdown` for a worker that could not, then relay it.
+
+        The worker is reaped, and no new one starts until this returns, so the event log
+        still has exactly one writer.
+        """
+        try:
+            record = await asyncio.to_thread(append_event, actor.dir / "events.db",
+                                             EventName.VM_SHUTDOWN, {"reason": reason.value})
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            log.error("shutdown_record_failed", actor=actor.id, error=str(exc))
+            return
+        epoch, seq, payload = record
+        if actor.relay.last_seq is None or seq > actor.relay.last_seq:
+            actor.relay.publish(seq, epoch, EventName.VM_SHUTDOWN, payload)
 
     def _fail_inflight(self, actor: Actor, error: ActorvisorError) -> None:
         actor.pending.clear()
@@ -318,6 +374,8 @@ class ActorManager:
                 self._on_hello(actor, msg)
             case wire.Phase():
                 actor.phase = msg.phase
+                if msg.phase == "failed":
+                    log.error("vm_boot_failed", actor=actor.id, **msg.detail)
                 if msg.phase == WorkerPhase.READY and actor.state is ActorState.BOOTING:
                     actor.transition(ActorState.READY, **msg.detail)
             case wire.WorkerEvent():
@@ -349,10 +407,41 @@ class ActorManager:
                     fut.set_exception(ActorvisorError(ErrorCode.OVERLOADED,
                                                       "the actor's worker is not accepting messages"))
 
-    def heartbeat(self) -> None:
+    def tick(self) -> None:
+        """Once per heartbeat interval: heartbeat workers, catch hangs, sleep idle actors."""
+        now = time.monotonic()
         for actor in self._actors.values():
+            proc = actor.proc
+            if proc is None or actor.state is ActorState.STOPPING:
+                actor.idle_since = None
+                continue
             if actor.hello:
                 self._send(actor.id, wire.Heartbeat())
+                if now - actor.last_seen > self._config.hang_timeout:
+                    log.error("worker_hung", actor=actor.id, pid=proc.pid,
+                              silent_s=round(now - actor.last_seen, 1))
+                    actor.kill_reason = ShutdownReason.HANG
+                    proc.signal_group(signal.SIGKILL)
+                    continue
+            elif actor.started_at is not None and now - actor.started_at > self._config.hello_timeout:
+                log.error("worker_silent_at_start", actor=actor.id, pid=proc.pid)
+                actor.kill_reason = ShutdownReason.HANG
+                proc.signal_group(signal.SIGKILL)
+                continue
+            if actor.connections or actor.inflight or actor.pending or actor.relay.has_catch_up():
+                actor.idle_since = None
+            elif actor.idle_since is None:
+                actor.idle_since = now
+            elif now - actor.idle_since >= self._config.sleep_after:
+                log.info("actor_idle_sleep", actor=actor.id, idle_s=round(now - actor.idle_since))
+                actor.idle_since = None
+                self.stop(actor, ShutdownReason.SLEEP)
+
+    def reset(self, actor: Actor) -> None:
+        """Clear a failed actor's crash history; its next action starts it again."""
+        actor.restarts.clear()
+        if actor.state is ActorState.FAILED:
+            actor.transition(ActorState.STOPPED, reason="reset")
 
     # ---- stopping ------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from protocol import worker as wire
+from protocol.errors import ActorvisorError
 
 from .actors import ActorManager
 from .config import Config
@@ -24,6 +25,7 @@ from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
 from .spawner import Spawner, SubprocessSpawner
+from .zygote import ZygoteSpawner
 
 log = structlog.get_logger("supervisor")
 
@@ -34,12 +36,13 @@ class Supervisor:
         self._owns_runtime_dir = config.runtime_dir is None
         self.runtime_dir: Path = config.resolved_runtime_dir()
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
-        self.spawner = spawner or SubprocessSpawner()
+        self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send)
         self.gateway = Gateway(self.manager, config)
         self.app = web.Application(client_max_size=config.max_message_size + 1024)
         self.app.add_routes(self.gateway.routes())
-        self.app.add_routes([web.get("/admin/workers", self.admin_workers)])
+        self.app.add_routes([web.get("/admin/workers", self.admin_workers),
+                             web.post("/admin/actors/{actor_id}/reset", self.admin_reset)])
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -68,14 +71,14 @@ class Supervisor:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            self.manager.heartbeat()
+            self.manager.tick()
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         log.info("supervisor_draining", connections=len(self.gateway.connections))
         self.manager.accepting = False
         for conn in list(self.gateway.connections):
             conn.close_soon(WSCloseCode.GOING_AWAY, CLOSE_GOING_AWAY)
-        await self.manager.stop_all(timeout)
+        await self.manager.stop_all(self.config.stop_timeout if timeout is None else timeout)
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -108,3 +111,11 @@ class Supervisor:
             "actors": [a.describe() for a in self.manager.all()],
         }
         return web.json_response(body)
+
+    async def admin_reset(self, request: web.Request) -> web.Response:
+        try:
+            actor = self.manager.get_by_id(request.match_info["actor_id"])
+        except ActorvisorError as err:
+            return web.json_response(err.to_dict(), status=404)
+        self.manager.reset(actor)
+        return web.json_response(actor.describe())

@@ -1,6 +1,6 @@
 """The `actorvisor` command line: run the service, and talk to a running one.
 
-    actorvisor run    [--listen HOST:PORT] [--state-dir DIR] [--boot-delay SECONDS]
+    actorvisor run    [--listen HOST:PORT] [--state-dir DIR] [--boot-delay SECONDS] [...]
     actorvisor demo   [--url URL] [--actor KEY] [--agent local|claude] [--prompt TEXT]
     actorvisor call   ACTOR ACTION [JSON_ARG ...]
     actorvisor events ACTOR [--after SEQ] [--follow]
@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["boot_delay"] = args.boot_delay
     if args.log_level:
         overrides["log_level"] = args.log_level
+    for name in ("spawner", "sleep_after", "stop_timeout", "hang_timeout", "worker_memory_mb",
+                 "worker_open_files", "implicit_cursor_grace", "ring_size", "conn_queue_bytes"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     configure(config.log_level)
     asyncio.run(Supervisor(config).run())
@@ -147,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="a TOML file of settings (names as in supervisor/config.py)")
     run.add_argument("--boot-delay", type=float, help="extra VM boot time, to emulate slow images")
     run.add_argument("--log-level", help="debug|info|warning|error")
+    run.add_argument("--spawner", choices=["zygote", "subprocess"],
+                     help="how workers are started (default zygote: forked from a warm process)")
+    run.add_argument("--sleep-after", type=float, help="seconds an idle actor stays up (default 300)")
+    run.add_argument("--stop-timeout", type=float, help="graceful drain budget on SIGTERM (default 10)")
+    run.add_argument("--hang-timeout", type=float, help="a silent worker is hung after this (default 5)")
+    run.add_argument("--worker-memory-mb", type=int, help="address-space limit per worker")
+    run.add_argument("--worker-open-files", type=int, help="open-files limit per worker")
+    run.add_argument("--implicit-cursor-grace", type=float,
+                     help="implicit cursor grace window in seconds (default 1; 0 turns it off)")
+    run.add_argument("--ring-size", type=int, help="recent events kept in memory per actor")
+    run.add_argument("--conn-queue-bytes", type=int, help="outbound bytes a connection may queue")
 
     demo = sub.add_parser("demo", help="the quickstart: a session, a prompt, its event stream")
     demo.add_argument("--url", default=_default_url())

@@ -57,8 +57,17 @@ class Config:
     state_dir: Path = Path(".actorvisor")
     runtime_dir: Path | None = None
     boot_delay: float = 0.0
-    # Worker channel.
+    # Workers and their supervision.
+    spawner: str = "zygote"            # or "subprocess"
     heartbeat_interval: float = 1.0
+    hang_timeout: float = 5.0          # no traffic at all from a worker for this long: hung
+    hello_timeout: float = 30.0        # a started worker must say hello within this
+    sleep_after: float = 300.0         # idle actors (no connection, no action) sleep
+    stop_timeout: float = 10.0         # graceful drain budget on SIGTERM
+    restart_intensity: int = 5         # more than this many crashes ...
+    restart_period: float = 60.0       # ... within this many seconds marks an actor failed
+    worker_memory_mb: int = 0          # RLIMIT_AS per worker (0: no limit)
+    worker_open_files: int = 0         # RLIMIT_NOFILE per worker (0: inherit)
     # Bounds that protect the supervisor from any one client or actor.
     max_message_size: int = 1 << 20
     max_pending_actions: int = 1024

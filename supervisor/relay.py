@@ -231,5 +231,8 @@ class ActorRelay:
         if sub.task is not None:
             sub.task.cancel()
 
+    def has_catch_up(self) -> bool:
+        return any(sub.catching_up for subs in self._subs.values() for sub in subs)
+
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

@@ -12,9 +12,31 @@ import asyncio
 import os
 import signal
 import sys
-from dataclasses import dataclass
+import resource
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_LIMITS = {
+    "memory_mb": (resource.RLIMIT_AS, 1024 * 1024),
+    "open_files": (resource.RLIMIT_NOFILE, 1),
+}
+
+
+def apply_limits(limits: dict[str, int]) -> None:
+    """Set a worker's own resource limits; runs in the worker before its main starts.
+
+    The VM's processes inherit them, so a runaway command fails inside its own actor.
+    """
+    for name, value in limits.items():
+        which, unit = _LIMITS[name]
+        soft = value * unit
+        _, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(which, (soft, hard))
 
 
 @dataclass(frozen=True)
@@ -28,10 +50,11 @@ class WorkerSpec:
     generation: int
     heartbeat_interval: float
     log_level: str
+    limits: dict[str, int] = field(default_factory=dict)
 
-    def argv(self, python: str) -> list[str]:
+    def worker_args(self) -> list[str]:
+        """Arguments of `python -m vmworker`, whichever way the process is made."""
         return [
-            python, "-m", "vmworker",
             "--actor-id", self.actor_id,
             "--actor-name", self.actor_name,
             "--actor-key", self.actor_key,
@@ -90,11 +113,13 @@ class SubprocessSpawner:
         self._python = python or sys.executable
 
     async def spawn(self, spec: WorkerSpec) -> WorkerProcess:
+        limits = dict(spec.limits)
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv(self._python),
+            self._python, "-m", "vmworker", *spec.worker_args(),
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
-            cwd=str(Path(__file__).resolve().parent.parent),
+            cwd=str(ROOT),
+            preexec_fn=(lambda: apply_limits(limits)) if limits else None,
         )
         return _SubprocessWorker(proc)
 

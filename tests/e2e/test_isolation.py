@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 
-import psutil
 import pytest
 
 from protocol.aio import Client
@@ -22,7 +21,8 @@ async def test_one_process_per_actor_and_a_kill_stays_contained(supervisor):
         assert len(set(pids)) == 3
         assert set(pids) <= set(supervisor.worker_pids())
         for pid in pids:
-            assert psutil.Process(pid).ppid() == supervisor.proc.pid
+            # Each worker leads its own process group, apart from the supervisor's.
+            assert os.getpgid(pid) == pid != os.getpgid(supervisor.proc.pid)
 
         # A turn in flight on the victim fails with a clear error when its worker dies.
         victim = keys[0]
