@@ -133,6 +133,9 @@ class SessionTurn:
         await self._outbox.append(EventName.SESSION_EVENT.value,
                                   {"sessionId": self.session_id, "event": event},
                                   session_id=self.session_id)
+        # A scheduling point per update: the outbox streams while the agent produces, and
+        # an agent that never awaits anything else cannot starve other actions.
+        await asyncio.sleep(0)
 
     async def exec(self, command: str, *, timeout_s: float = 60.0) -> ExecResult:
         cwd = normalize(self.options.cwd) if self.options.cwd is not None else None

@@ -70,6 +70,7 @@ class WorkerHarness:
         self._pump: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
         self.identity: bytes | None = None
+        self._db: sqlite3.Connection | None = None
 
     @property
     def actor_dir(self) -> Path:
@@ -110,14 +111,16 @@ class WorkerHarness:
             async with self._arrived:
                 self.received.append(msg)  # type: ignore[arg-type]
                 self._arrived.notify_all()
+            # zmq.asyncio's recv does not yield while frames are queued: without this a
+            # flood would starve the heartbeat task (and the worker would leave).
+            await asyncio.sleep(0)
 
     def _committed(self, seq: int) -> bool:
         """Is `seq` in the worker's SQLite log right now (read as the supervisor will)?"""
-        conn = sqlite3.connect(f"file:{self.actor_dir / 'events.db'}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is not None
-        finally:
-            conn.close()
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self.actor_dir / 'events.db'}?mode=ro", uri=True)
+        row = self._db.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone()
+        return row is not None
 
     async def _send_heartbeats(self) -> None:
         while True:
@@ -135,12 +138,15 @@ class WorkerHarness:
 
     async def wait_for(self, predicate: Callable[[WorkerToSupervisor], bool],
                        timeout: float = 10.0) -> WorkerToSupervisor:
+        checked = 0
         async with asyncio.timeout(timeout):
             async with self._arrived:
                 while True:
-                    for msg in self.received:
+                    # Only look at what arrived since the last look: floods stay linear.
+                    for msg in self.received[checked:]:
                         if predicate(msg):
                             return msg
+                    checked = len(self.received)
                     await self._arrived.wait()
 
     async def wait_event(self, name: str, timeout: float = 10.0) -> WorkerEvent:
@@ -196,5 +202,8 @@ class WorkerHarness:
             for child in leftovers:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     child.kill()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
         self.router.close(linger=0)
         self._ctx.term()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -154,13 +155,27 @@ async def test_restart_keeps_epoch_seq_and_sessions(harness: WorkerHarness) -> N
     assert [e["name"] for e in replay["events"]] == ["vmBooted", "vmShutdown", "vmBooted"]
 
 
-async def test_bad_frames_are_ignored(harness: WorkerHarness) -> None:
+async def test_bad_frames_are_ignored_and_logged_as_json_lines(harness: WorkerHarness) -> None:
     await harness.start()
     for frame in (b"", b"\xff\xfe", b"\xa1\x61t\x63bad", b"\x83\x01\x02\x03"):
         await harness.send_raw(frame)
     reply = await harness.request("getRuntimeHealth")
     assert reply.ok
-    assert "bad_frame" in harness.worker_log()
+    lines = [json.loads(line) for line in harness.worker_log().splitlines()]
+    bad = [line for line in lines if line["event"] == "bad_frame"]
+    assert len(bad) == 4
+    assert all(line["actor"] == "actor1" and line["pid"] == reply.value["pid"] for line in lines)
+
+
+async def test_sigterm_during_boot_stops_promptly(harness: WorkerHarness) -> None:
+    harness.boot_delay = 30.0
+    await harness.start()
+    assert harness.proc is not None
+    started = time.monotonic()
+    harness.proc.send_signal(signal.SIGTERM)
+    assert await harness.wait_exit() == 0
+    assert time.monotonic() - started < 5
+    assert [e.name for e in events(harness)] == ["vmShutdown"]
 
 
 async def test_unknown_action_and_bad_args_get_error_replies(harness: WorkerHarness) -> None:
