@@ -28,6 +28,7 @@ run: $(STAMP) sandbox-deps
 	$(BIN)/actorvisor run $(ARGS)
 
 test: $(STAMP) sandbox-deps $(NPM_STAMP)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -130,11 +130,12 @@ def decode(data: bytes) -> WorkerMessage:
     match body.get("t"):
         case "hello":
             epoch = body.get("epoch")
+            last_seq = body.get("lastSeq")
             return Hello(
                 actor_id=_field(body, "actorId", str),
                 pid=_field(body, "pid", int),
                 epoch=epoch if isinstance(epoch, str) else None,
-                last_seq=body.get("lastSeq") if isinstance(body.get("lastSeq"), int) else 0,
+                last_seq=last_seq if isinstance(last_seq, int) else 0,
                 v=_field(body, "v", int),
             )
         case "heartbeat":

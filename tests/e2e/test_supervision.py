@@ -1,0 +1,213 @@
+"""Supervision: crashes, hangs, crash loops, sleep/wake, drain, and no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import psutil
+import pytest
+
+from protocol.aio import Client
+from protocol.errors import ActorvisorError, ErrorCode
+
+
+async def admin_actor(url: str, key: str) -> dict:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/admin/workers") as resp:
+        return next(a for a in (await resp.json())["actors"] if a["key"] == key)
+
+
+async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)
+
+
+async def replay_all(client: Client, key: str) -> list[dict]:
+    events, after = [], 0
+    while True:
+        page = await client.action("vm", key, "replayEvents", {"after": after})
+        events.extend(page["events"])
+        after = page["nextCursor"]
+        if not page["hasMore"]:
+            return events
+
+
+async def test_worker_killed_mid_turn(supervisor):
+    async with Client(supervisor.url) as client:
+        conn = await client.connect("vm", "mid-turn", reconnect=False)
+        received: list[tuple[str, dict]] = []
+        for name in ("sessionEvent", "vmShutdown", "vmBooted"):
+            conn.on(name, lambda p, name=name: received.append((name, p)))
+        sid = (await conn.call("createSession", "local", {}))["sessionId"]
+        pid = (await conn.call("getRuntimeHealth"))["pid"]
+        turn = asyncio.create_task(conn.call("sendPrompt", sid, "working on it\nrun: sleep 60"))
+        await wait_for(lambda: asyncio.sleep(0, any(
+            n == "sessionEvent" and p["event"]["params"]["update"]["sessionUpdate"] == "tool_call"
+            for n, p in received)))
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ActorvisorError) as info:
+            await asyncio.wait_for(turn, 10)
+        assert info.value.code is ErrorCode.WORKER_CRASHED
+        shutdown = await wait_for(lambda: asyncio.sleep(0, [p for n, p in received if n == "vmShutdown"]))
+        assert shutdown[0]["reason"] == "crash"
+
+        # The next action starts a new worker; everything committed is replayable,
+        # including the crash record, and matches what the subscriber saw.
+        health = await conn.call("getRuntimeHealth")
+        assert health["pid"] != pid and health["restarts"] == 1
+        logged = await replay_all(client, "mid-turn")
+        seen = sorted(p["seq"] for _, p in received)
+        assert [e["seq"] for e in logged][: len(seen)] == seen
+        assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
+        assert any(e["name"] == "vmShutdown" and e["args"][0]["reason"] == "crash" for e in logged)
+        result = await conn.call("sendPrompt", sid, "still there?")
+        assert result["stopReason"] == "end_turn"
+        await conn.close()
+
+
+async def test_crash_loop_marks_actor_failed_and_spares_others(supervisor):
+    async with Client(supervisor.url) as client:
+        other = await client.action("vm", "bystander", "getRuntimeHealth")
+        for _ in range(6):
+            pid = (await client.action("vm", "crashy", "getRuntimeHealth"))["pid"]
+            os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: _state_in(supervisor.url, "crashy", {"crashed", "failed"}))
+        assert (await admin_actor(supervisor.url, "crashy"))["state"] == "failed"
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", "crashy", "getRuntimeHealth")
+        assert info.value.code is ErrorCode.FAILED
+        assert (await client.action("vm", "bystander", "getRuntimeHealth"))["pid"] == other["pid"]
+
+        actor_id = (await admin_actor(supervisor.url, "crashy"))["actorId"]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{supervisor.url}/admin/actors/{actor_id}/reset") as resp:
+                assert resp.status == 200
+        assert (await client.action("vm", "crashy", "exists", "/workspace")) is True
+
+
+async def _state_in(url: str, key: str, states: set[str]) -> bool:
+    return (await admin_actor(url, key))["state"] in states
+
+
+async def test_stopped_worker_is_declared_hung_and_replaced(make_supervisor):
+    sup = make_supervisor("--hang-timeout", "2")
+    async with Client(sup.url) as client:
+        conn = await client.connect("vm", "frozen", reconnect=False)
+        shutdowns: list[dict] = []
+        conn.on("vmShutdown", shutdowns.append)
+        pid = (await conn.call("getRuntimeHealth"))["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        pending = asyncio.create_task(conn.call("exists", "/workspace"))
+        with pytest.raises(ActorvisorError) as info:
+            await asyncio.wait_for(pending, 15)
+        assert info.value.code is ErrorCode.WORKER_CRASHED
+        await wait_for(lambda: asyncio.sleep(0, shutdowns))
+        assert shutdowns[0]["reason"] == "hang"
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert (await conn.call("getRuntimeHealth"))["pid"] != pid
+        await conn.close()
+
+
+def _our_processes(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+async def test_supervisor_sigkill_leaves_no_worker_or_sandbox(supervisor):
+    async with Client(supervisor.url) as client:
+        running = [asyncio.create_task(client.action("vm", f"orphan-{i}", "exec", "sleep 120", {}))
+                   for i in range(3)]
+        await wait_for(lambda: asyncio.sleep(0, sum(
+            p.name() == "sleep" for p in psutil.Process(supervisor.proc.pid).children(recursive=True)) >= 3))
+        tree = [p.pid for p in psutil.Process(supervisor.proc.pid).children(recursive=True)]
+        assert len(tree) >= 3 * 3  # worker, bwrap, sleep per actor (+ the zygote)
+        supervisor.proc.kill()
+        supervisor.proc.wait()
+        deadline = time.monotonic() + 5.0
+        while _our_processes(tree) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert _our_processes(tree) == [], [psutil.Process(p).cmdline() for p in _our_processes(tree)]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+@pytest.mark.parametrize("boot_delay", ["0", "30"])
+async def test_sigterm_drains_cleanly(make_supervisor, boot_delay):
+    sup = make_supervisor("--boot-delay", boot_delay, "--stop-timeout", "5")
+    async with Client(sup.url) as client:
+        keys = [f"drain-{i}" for i in range(3)]
+        if boot_delay == "0":
+            for key in keys:
+                await client.action("vm", key, "exec", "true", {})
+        else:
+            conns = [await client.connect("vm", key, reconnect=False) for key in keys]
+            await wait_for(lambda: asyncio.sleep(0, len(sup.worker_pids()) >= 4))
+        tree = [sup.proc.pid, *sup.worker_pids()]
+        started = time.monotonic()
+        rc = sup.stop(signal.SIGTERM, timeout=20)
+        elapsed = time.monotonic() - started
+        if boot_delay != "0":
+            for conn in conns:
+                await conn.close()
+    assert rc == 0, sup.logs()[-3000:]
+    assert elapsed < 5 + 5, elapsed
+    assert _our_processes(tree) == []
+    assert "supervisor_stopped" in sup.logs()
+    # No stale ipc socket: the runtime dir it made is gone.
+    assert not any(p.name == "workers.ipc" for p in sup.state_dir.rglob("*"))
+
+
+async def test_idle_actor_sleeps_and_wakes_with_everything(make_supervisor):
+    sup = make_supervisor("--sleep-after", "1")
+    async with Client(sup.url) as client:
+        sid = (await client.action("vm", "sleepy", "createSession", "local", {}))["sessionId"]
+        await client.action("vm", "sleepy", "sendPrompt", sid, "write /workspace/keep.txt: kept")
+        before = await client.action("vm", "sleepy", "getSessionEvents", sid, {})
+        pid = (await client.action("vm", "sleepy", "getRuntimeHealth"))["pid"]
+        await wait_for(lambda: _state_in(sup.url, "sleepy", {"stopped"}), timeout=15)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+        assert await client.action("vm", "sleepy", "readFile", "/workspace/keep.txt") == b"kept"
+        sessions = await client.action("vm", "sleepy", "listSessions")
+        assert [s["sessionId"] for s in sessions] == [sid]
+        after = await client.action("vm", "sleepy", "getSessionEvents", sid, {})
+        assert after["events"] == before["events"]
+        logged = await replay_all(client, "sleepy")
+        assert [e["args"][0]["reason"] for e in logged if e["name"] == "vmShutdown"] == ["sleep"]
+        assert (await client.action("vm", "sleepy", "sendPrompt", sid, "again"))["stopReason"] == "end_turn"
+
+
+async def test_resource_limits_contain_a_runaway(make_supervisor):
+    sup = make_supervisor("--worker-memory-mb", "2048")
+    async with Client(sup.url) as client:
+        other = await client.action("vm", "calm", "getRuntimeHealth")
+        hog = await client.action("vm", "hog", "exec", "x=$(head -c 3000000000 /dev/zero | tr '\\0' a); echo done", {})
+        assert hog["exitCode"] != 0 and "done" not in hog["stdout"]
+        assert (await client.action("vm", "hog", "exec", "echo ok", {}))["stdout"] == "ok\n"
+        assert (await client.action("vm", "calm", "getRuntimeHealth"))["pid"] == other["pid"]
+
+
+async def test_a_worker_over_its_limits_fails_alone(make_supervisor):
+    sup = make_supervisor("--worker-open-files", "8")
+    async with Client(sup.url) as client:
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", "starved", "getRuntimeHealth")
+        assert info.value.code in (ErrorCode.WORKER_CRASHED, ErrorCode.FAILED)
+        async with aiohttp.ClientSession() as session, session.get(f"{sup.url}/healthz") as resp:
+            assert resp.status == 200
