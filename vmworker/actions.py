@@ -162,7 +162,7 @@ class Actions:
 
     async def _create_session(self, a: Args) -> Any:
         agent_type = a.get(0)
-        if agent_type not in {t.value for t in AgentType}:
+        if not isinstance(agent_type, str) or agent_type not in {t.value for t in AgentType}:
             raise _invalid(f"createSession: argument 1 (agentType) must be one of "
                            f"{', '.join(repr(t.value) for t in AgentType)}; got {agent_type!r:.80}")
         options = parse_options(a.get(1), what="createSession: argument 2 (options)")
@@ -184,7 +184,7 @@ class Actions:
 
     async def _respond_permission(self, a: Args) -> Any:
         session_id, permission_id, reply = a.string(0), a.string(1), a.get(2)
-        if reply not in {r.value for r in PermissionReply}:
+        if not isinstance(reply, str) or reply not in {r.value for r in PermissionReply}:
             raise _invalid("respondPermission: argument 3 (reply) must be 'once', 'always' or "
                            f"'reject'; got {reply!r:.80}")
         self._sessions.respond_permission(session_id, permission_id, PermissionReply(reply))

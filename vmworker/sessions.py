@@ -64,15 +64,17 @@ def parse_options(value: object, *, what: str = "options") -> SessionOptions:
     cwd = value.get("cwd")
     if cwd is not None:
         cwd = str(normalize(cwd, what=f"{what}.cwd"))
-    env = validate_env(value.get("env") or {}, what=f"{what}.env")
+    env = validate_env({} if value.get("env") is None else value["env"], what=f"{what}.env")
     strings: dict[str, str | None] = {}
     for key in ("model", "systemPrompt"):
         item = value.get(key)
         if item is not None and not isinstance(item, str):
             raise ActorvisorError(ErrorCode.INVALID_ARGS, f"{what}.{key} must be a string")
         strings[key] = item
-    policy = value.get("permissionPolicy", PermissionPolicy.ALLOW_ALL.value)
-    if policy not in {p.value for p in PermissionPolicy}:
+    policy = value.get("permissionPolicy")
+    if policy is None:
+        policy = PermissionPolicy.ALLOW_ALL.value
+    if not isinstance(policy, str) or policy not in {p.value for p in PermissionPolicy}:
         raise ActorvisorError(
             ErrorCode.INVALID_ARGS,
             f"{what}.permissionPolicy must be 'allow_all' or 'ask'; got {policy!r:.80}",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import ActorvisorError, ErrorCode
+from protocol.names import ActionName
 
 from .conftest import InProcessActor
 
@@ -21,6 +25,10 @@ async def error(actor: InProcessActor, name: str, *args: Any) -> ActorvisorError
 @pytest.mark.parametrize(("call", "code", "fragment"), [
     (("nope",), ErrorCode.UNKNOWN_ACTION, "no action 'nope'"),
     (("createSession", "pi"), ErrorCode.INVALID_ARGS, "argument 1 (agentType) must be one of"),
+    (("createSession", ["local"]), ErrorCode.INVALID_ARGS, "argument 1 (agentType) must be one of"),
+    (("createSession", "local", {"permissionPolicy": {}}), ErrorCode.INVALID_ARGS, "permissionPolicy"),
+    (("createSession", "local", {"permissionPolicy": {"a": 1}}), ErrorCode.INVALID_ARGS, "permissionPolicy"),
+    (("createSession", "local", []), ErrorCode.INVALID_ARGS, "must be an object"),
     (("createSession", "claude"), ErrorCode.INVALID_ARGS, "'claude' is not available yet"),
     (("createSession", "local", {"bogus": 1}), ErrorCode.INVALID_ARGS, "unknown option 'bogus'"),
     (("createSession", "local", {"env": {"A B": "x"}}), ErrorCode.INVALID_ARGS, "not a valid variable name"),
@@ -46,6 +54,7 @@ async def error(actor: InProcessActor, name: str, *args: Any) -> ActorvisorError
     (("exec", "true", {"cwd": "/workspace/none"}), ErrorCode.FILE_NOT_FOUND, None),
     (("exec", "true", {"env": ["A"]}), ErrorCode.INVALID_ARGS, "env must be an object"),
     (("respondPermission", "missing", "p", "once"), ErrorCode.SESSION_NOT_FOUND, None),
+    (("respondPermission", "s", "p", ["once"]), ErrorCode.INVALID_ARGS, "argument 3 (reply)"),
 ])
 async def test_errors(actor: InProcessActor, call: tuple[Any, ...], code: ErrorCode,
                       fragment: str | None) -> None:
@@ -107,3 +116,27 @@ async def test_health(actor: InProcessActor) -> None:
     assert health["pid"] == os.getpid() and health["sessions"] == 1
     assert health["restarts"] == 0 and health["eventsSeq"] == actor.outbox.last_seq
     assert set(health) == {"phase", "booted", "pid", "uptimeMs", "sessions", "eventsSeq", "restarts"}
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20) | st.sampled_from(["local", "/workspace/x", "x", "once", ""]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(["after", "limit", "names", "recursive", "cwd", "env",
+                                       "timeoutMs", "permissionPolicy", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+# exec and sendPrompt would run random programs and prompts (e.g. `sleep: 600`); their
+# argument checks are covered above.
+_actions = st.sampled_from([a.value for a in ActionName
+                            if a not in (ActionName.EXEC, ActionName.SEND_PROMPT)] + ["bogus"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=_actions, args=st.lists(_values, max_size=4))
+async def test_random_arguments_only_ever_produce_actorvisor_errors(
+        actor: InProcessActor, name: str, args: list[Any]) -> None:
+    try:
+        await asyncio.wait_for(actor.call(name, *args), 10)
+    except ActorvisorError as exc:
+        assert exc.code is not ErrorCode.INTERNAL, exc
