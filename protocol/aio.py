@@ -3,7 +3,8 @@
 Like the `websockets` library's asyncio layer, it only moves bytes: every frame is built
 and parsed by `protocol.client`. A connection keeps, per event name, the highest `seq`
 it has seen and re-subscribes with that cursor when it reconnects, so a consumer that
-uses `reconnect=True` sees every durable event once, in order.
+uses `reconnect=True` sees every durable event once, in order. An event log recreated
+under it (a new epoch) is reported in `Connection.errors` (`actor.epoch_changed`).
 
     async with Client("http://127.0.0.1:6420") as client:
         conn = await client.connect("vm", "my-agent")
@@ -93,7 +94,14 @@ class Client:
             return decode_http_action_response(raw, self.encoding)
 
     async def connect(self, name: str, key: str, *, reconnect: bool = True) -> Connection:
-        conn = Connection(self, name, key, reconnect=reconnect)
+        """Open a connection whose subscriptions start at the actor's current event.
+
+        The actor's head `seq` is read first, and every subscription without a cursor of
+        its own starts there, even one re-sent after a reconnect that came before any
+        event: nothing emitted after `connect()` is missed, and nothing is repeated.
+        """
+        health = await self.action(name, key, "getRuntimeHealth")
+        conn = Connection(self, name, key, reconnect=reconnect, head=health["eventsSeq"])
         await conn.open()
         return conn
 
@@ -101,8 +109,10 @@ class Client:
 class Connection:
     """One WebSocket connection to an actor: subscriptions, actions, cursors."""
 
-    def __init__(self, client: Client, name: str, key: str, *, reconnect: bool) -> None:
+    def __init__(self, client: Client, name: str, key: str, *, reconnect: bool,
+                 head: int | None = None) -> None:
         self._client = client
+        self.head = head
         self.name = name
         self.key = key
         self.reconnect = reconnect
@@ -122,6 +132,7 @@ class Connection:
         self._closed = False
         self.errors: list[ActorvisorError] = []
         self.reconnects = 0
+        self.repeats = 0  # events dropped because their seq was already seen
 
     async def open(self) -> None:
         url = self._client.gateway_url(self.name, self.key, "connect")
@@ -158,7 +169,8 @@ class Connection:
             yield await queue.get()
 
     def _send_subscription(self, event: str, subscribe: bool) -> None:
-        msg = SubscriptionRequest(event, subscribe, after=self.cursors.get(event), epoch=self.epoch)
+        after = self.cursors.get(event, self.head)
+        msg = SubscriptionRequest(event, subscribe, after=after, epoch=self.epoch if after is not None else None)
         self._send(encode_to_server(msg, self._client.encoding))
 
     def _send(self, frame: bytes | str) -> None:
@@ -217,8 +229,12 @@ class Connection:
                 seq = payload.get("seq") if isinstance(payload, dict) else None
                 if isinstance(seq, int):
                     if seq <= self.cursors.get(msg.name, 0):
-                        return  # a repeat from the implicit-cursor window
+                        self.repeats += 1
+                        return
                     self.cursors[msg.name] = seq
+                    epoch = payload.get("epoch") if isinstance(payload, dict) else None
+                    if isinstance(epoch, str):
+                        self.epoch = epoch
                 for handler in self._handlers.get(msg.name, ()):
                     result = handler(*msg.args)
                     if inspect.isawaitable(result):
