@@ -37,6 +37,7 @@ from typing import Any, Final
 import cbor2
 
 SCHEMA_VERSION: Final = 1
+MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -216,10 +217,17 @@ class EventReader:
 
     def _page(self, sql: str, params: list[Any], after: int, limit: int) -> Page:
         # One row more than asked tells whether there is a next page without a COUNT.
-        rows = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit + 1]).fetchall()
-        has_more = len(rows) > limit
-        events = [EventRecord(r[0], r[1], r[2], cbor2.loads(r[3]), r[4]) for r in rows[:limit]]
-        return Page(events, events[-1].seq if events else after, has_more)
+        cursor = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit + 1])
+        events: list[EventRecord] = []
+        size = 0
+        for seq, name, session_id, blob, created_at in cursor:
+            size += len(blob)
+            # A page must fit in one worker message: past the byte budget it ends early
+            # (never empty), and the caller pages on with the cursor.
+            if len(events) == limit or (events and size > MAX_PAGE_BYTES):
+                return Page(events, events[-1].seq, True)
+            events.append(EventRecord(seq, name, session_id, cbor2.loads(blob), created_at))
+        return Page(events, events[-1].seq if events else after, False)
 
     def close(self) -> None:
         self._conn.close()

@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protocol.worker import WorkerEvent, WorkerToSupervisor, encode
+from protocol.errors import ActorvisorError, ErrorCode
+from protocol.worker import MAX_WORKER_MESSAGE, WorkerEvent, WorkerToSupervisor, encode
 
 from .eventlog import EventLog, EventRecord, SessionRow, now_ms
 
@@ -49,6 +50,16 @@ class _SessionWrite:
 
 
 _Item = _Durable | _Plain | _SessionWrite
+
+
+def _encode(msg: WorkerToSupervisor) -> bytes:
+    frame = encode(msg)
+    if len(frame) > MAX_WORKER_MESSAGE:
+        # The supervisor would drop it as malformed and the caller would wait forever.
+        raise ActorvisorError(ErrorCode.MESSAGE_TOO_LARGE,
+                              f"result is {len(frame)} bytes; one message carries at most "
+                              f"{MAX_WORKER_MESSAGE}")
+    return frame
 
 
 class Outbox:
@@ -82,14 +93,14 @@ class Outbox:
         record = EventRecord(seq, name, session_id, {**payload, "seq": seq}, now_ms())
         # Encoding here, not in the writer, makes a payload that cannot be encoded the
         # caller's error, before it consumes a seq, instead of a dead writer.
-        frame = encode(WorkerEvent(seq, self.epoch, name, record.payload))
+        frame = _encode(WorkerEvent(seq, self.epoch, name, record.payload))
         self.last_seq = seq
         self._put(_Durable(record, frame))
         return seq
 
     def send(self, msg: WorkerToSupervisor) -> None:
         """Queue a non-durable message behind everything queued so far."""
-        self._put(_Plain(encode(msg)))
+        self._put(_Plain(_encode(msg)))
 
     def save_session(self, row: SessionRow) -> None:
         """Queue a session row write; it commits with the next batch, in order."""

@@ -1,16 +1,14 @@
+"""The SQLite event log: schema, seq and epoch across reopen, cursor reads."""
+
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cbor2
 import pytest
 
-from protocol.worker import Reply, WorkerEvent, decode
 from vmworker.eventlog import EventLog, EventReader, EventRecord, SessionRow
-from vmworker.outbox import Outbox
 
 
 def record(seq: int, name: str = "e", session: str | None = None) -> EventRecord:
@@ -82,70 +80,24 @@ def test_cursor_reads_page_with_has_more_and_filter(tmp_path: Path) -> None:
     log.close()
 
 
+def test_a_page_stops_at_the_byte_budget_but_is_never_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmworker.eventlog.MAX_PAGE_BYTES", 2500)
+    log = EventLog.open(tmp_path / "events.db")
+    log.write_batch([EventRecord(i, "e", None, {"blob": b"x" * 1000, "seq": i}, 0)
+                     for i in range(1, 6)], [])
+    reader = EventReader(log.path)
+    page = reader.read(after=0, limit=100)
+    assert ([e.seq for e in page.events], page.has_more) == ([1, 2], True)
+    monkeypatch.setattr("vmworker.eventlog.MAX_PAGE_BYTES", 10)
+    page = reader.read(after=4, limit=100)
+    assert ([e.seq for e in page.events], page.has_more) == ([5], False)
+    reader.close()
+    log.close()
+
+
 def test_sessions_round_trip_and_status_updates(tmp_path: Path) -> None:
     log = EventLog.open(tmp_path / "events.db")
     log.write_batch([], [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "idle")])
     log.write_batch([], [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "closed")])
     assert log.load_sessions() == [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "closed")]
-    log.close()
-
-
-class _SlowLog(EventLog):
-    """A real log whose commits take a while: a slow disk, to make batches observable."""
-
-    batches: list[int]
-
-    def write_batch(self, events, sessions):  # type: ignore[no-untyped-def]
-        import time
-
-        time.sleep(0.02)
-        super().write_batch(events, sessions)
-        self.batches.append(len(events))
-
-
-async def test_outbox_commits_before_send_in_order_and_groups_commits(tmp_path: Path) -> None:
-    base = EventLog.open(tmp_path / "events.db")
-    log = _SlowLog(base.path, base._conn, base.epoch, base.last_seq)
-    log.batches = []
-    reader = EventReader(log.path)
-    sent: list[tuple[object, int]] = []
-
-    async def send(frame: bytes) -> None:
-        msg = decode(frame)
-        # What was committed at the moment of sending: the event must already be there.
-        committed = reader.read(0, 100_000).next_cursor
-        sent.append((msg, committed))
-
-    with ThreadPoolExecutor(1) as executor:
-        outbox = Outbox(log, send, executor)
-        writer = asyncio.create_task(outbox.run())
-        seqs = [await outbox.append("e", {"i": 0})]
-        await asyncio.sleep(0.005)  # the writer is now inside its first (slow) commit
-        for i in range(1, 200):
-            seqs.append(await outbox.append("e", {"i": i}))
-        outbox.send(Reply(1, True, "done"))
-        await asyncio.wait_for(outbox.flush(), 10)
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
-    reader.close()
-    log.close()
-
-    assert seqs == list(range(1, 201))
-    events = [m for m, _ in sent if isinstance(m, WorkerEvent)]
-    assert [e.seq for e in events] == seqs
-    assert all(e.payload == {"i": e.seq - 1, "seq": e.seq} and e.epoch == log.epoch for e in events)
-    assert all(committed >= m.seq for m, committed in sent if isinstance(m, WorkerEvent))
-    assert isinstance(sent[-1][0], Reply)  # the reply queued last went out last
-    # Group commit: 200 events in far fewer transactions than events.
-    assert sum(log.batches) == 200
-    assert len(log.batches) <= 3, log.batches
-
-
-async def test_outbox_unencodable_payload_fails_the_caller_without_using_a_seq(tmp_path: Path) -> None:
-    log = EventLog.open(tmp_path / "events.db")
-    with ThreadPoolExecutor(1) as executor:
-        outbox = Outbox(log, lambda frame: asyncio.sleep(0), executor)
-        with pytest.raises(Exception):
-            await outbox.append("e", {"bad": object()})
-        assert await outbox.append("e", {}) == 1
     log.close()
