@@ -142,7 +142,8 @@ class Worker:
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions())
         self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,
                                cfg.generation)
-        self.log.info("worker_started", epoch=event_log.epoch, last_seq=event_log.last_seq,
+        self.log.info("worker_started", name=cfg.actor_name, key=cfg.actor_key,
+                      epoch=event_log.epoch, last_seq=event_log.last_seq,
                       generation=cfg.generation)
 
         loop = asyncio.get_running_loop()

@@ -204,3 +204,25 @@ async def test_sessions_survive_a_restart(actor: InProcessActor) -> None:
     assert session.status.value == "idle"
     result = await reloaded.prompt(sid, "run: echo $GREETING; pwd")
     assert result["text"] == "Ran `echo $GREETING; pwd`: exit code 0.\n"
+
+
+async def test_cancelling_a_turn_resolves_its_pending_permission_as_cancelled(
+        actor: InProcessActor) -> None:
+    sid = await new_session(actor, permissionPolicy="ask")
+    actor.sessions.get(sid).agent = AskingAgent()
+    turn = asyncio.create_task(actor.call("sendPrompt", sid, "go"))
+    for _ in range(100):
+        if actor.sessions.get(sid).permissions:
+            break
+        await asyncio.sleep(0.01)
+    (permission_id,) = actor.sessions.get(sid).permissions
+    assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
+    assert await asyncio.wait_for(turn, 5) == {"text": "", "stopReason": "cancelled"}
+    await settle(actor)
+    resolved = [m.payload for m in actor.sent
+                if isinstance(m, WorkerEvent) and m.name == "permissionResolved"]
+    assert resolved == [{"sessionId": sid, "permissionId": permission_id, "reply": "cancelled",
+                         "seq": resolved[0]["seq"]}]
+    with pytest.raises(ActorvisorError) as info:
+        await actor.call("respondPermission", sid, permission_id, "once")
+    assert info.value.code is ErrorCode.PERMISSION_NOT_FOUND
