@@ -47,8 +47,10 @@ def error_frame(err: ActorvisorError, action_id: int | None = None) -> ErrorMsg:
 class Connection:
     def __init__(self, ws: web.WebSocketResponse, actor: Actor, manager: ActorManager,
                  encoding: Encoding, max_queue_bytes: int, *, opened_at: float,
-                 implicit_grace: float, implicit_window: float) -> None:
+                 implicit_grace: float, implicit_window: float,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         self.id = uuid.uuid4().hex
+        self.transport = transport
         self.opened_at = opened_at
         self._implicit_grace = implicit_grace
         self._implicit_window = implicit_window
@@ -64,6 +66,7 @@ class Connection:
         self.subs: dict[str, Subscription] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.writer: asyncio.Task[None] | None = None
+        self._evictor: asyncio.Task[None] | None = None
         self.log = log.bind(conn=self.id, actor=actor.id)
 
     # ---- outbound ------------------------------------------------------------------
@@ -80,6 +83,7 @@ class Connection:
         if self.queued_bytes > self._max_queue_bytes:
             self.log.warning("slow_consumer_disconnected", queued_bytes=self.queued_bytes)
             self.close_soon(WSCloseCode.TRY_AGAIN_LATER, CLOSE_SLOW_CONSUMER, drop_queue=True)
+            self._evictor = asyncio.create_task(self._evict(), name=f"evict-{self.id}")
 
     send_event_frame = send_frame
 
@@ -95,6 +99,24 @@ class Connection:
                 self._queue.clear()
                 self.queued_bytes = 0
             self._wake.set()
+
+    async def _evict(self) -> None:
+        """A client that stopped reading: say why if its socket still takes a frame, then cut.
+
+        The writer may be stuck in a send the kernel cannot take, so it is cancelled
+        first; the close frame gets a second, and then the transport is aborted.
+        """
+        if self.writer is not None:
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
+        try:
+            await asyncio.wait_for(
+                self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=CLOSE_SLOW_CONSUMER.encode()), 1.0)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     async def run_writer(self) -> None:
         try:
@@ -181,6 +203,8 @@ class Connection:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._evictor is not None:
+            await asyncio.gather(self._evictor, return_exceptions=True)
         if self.writer is not None and not self.writer.done():
             self.close_soon(WSCloseCode.GOING_AWAY, CLOSE_GOING_AWAY)
             try:

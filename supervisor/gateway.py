@@ -114,7 +114,8 @@ class Gateway:
         await ws.prepare(request)
         conn = Connection(ws, actor, self.manager, encoding, self.config.conn_queue_bytes,
                           opened_at=opened_at, implicit_grace=self.config.implicit_cursor_grace,
-                          implicit_window=self.config.implicit_cursor_window)
+                          implicit_window=self.config.implicit_cursor_window,
+                          transport=request.transport)
         conn.send(Init(actor.id, conn.id))
         conn.writer = asyncio.create_task(conn.run_writer(), name=f"writer-{conn.id}")
         self.setup_latency_ms.append((time.perf_counter() - started) * 1000)
@@ -155,6 +156,16 @@ class Gateway:
         return web.Response(status=http_status(err.code), body=cp.encode_http_error(err, encoding),
                             content_type=cp.content_type(encoding).split(";")[0])
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, refused as soon as it passes the message bound."""
+        body = bytearray()
+        while chunk := await request.content.read(65536):
+            body += chunk
+            if len(body) > self.max_message_size:
+                raise ProtocolError(f"request body exceeds {self.max_message_size} bytes",
+                                    ErrorCode.MESSAGE_TOO_LARGE)
+        return bytes(body)
+
     async def http_action(self, request: web.Request) -> web.Response:
         try:
             encoding = cp.parse_encoding(request.headers.get("x-rivet-encoding"))
@@ -165,7 +176,7 @@ class Gateway:
                 raise ProtocolError(f"request body exceeds {self.max_message_size} bytes",
                                     ErrorCode.MESSAGE_TOO_LARGE)
             actor = self.resolve(request.match_info["target"], request.query)
-            body = await request.content.read(self.max_message_size + 1)
+            body = await self._read_body(request)
             args = cp.decode_http_action_request(body, encoding, self.max_message_size)
             output = await self.manager.call(actor, request.match_info["action"], args)
         except ActorvisorError as err:
@@ -188,9 +199,7 @@ class Gateway:
         }
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.content.read(self.max_message_size + 1)
-        if len(raw) > self.max_message_size:
-            raise ProtocolError("request body too large", ErrorCode.MESSAGE_TOO_LARGE)
+        raw = await self._read_body(request)
         try:
             body = json.loads(raw or b"{}")
         except ValueError as exc:
