@@ -49,6 +49,7 @@ class WorkerPhase(StrEnum):
     STARTING = "starting"
     BOOTING = "booting"
     READY = "ready"
+    FAILED = "failed"
     STOPPING = "stopping"
 
 

@@ -374,7 +374,7 @@ class ActorManager:
                 self._on_hello(actor, msg)
             case wire.Phase():
                 actor.phase = msg.phase
-                if msg.phase == "failed":
+                if msg.phase == WorkerPhase.FAILED:
                     log.error("vm_boot_failed", actor=actor.id, **msg.detail)
                 if msg.phase == WorkerPhase.READY and actor.state is ActorState.BOOTING:
                     actor.transition(ActorState.READY, **msg.detail)

@@ -55,8 +55,14 @@ class WorkerHub:
         return True
 
     async def _recv_loop(self) -> None:
+        received = 0
         while True:
             frames = await self._sock.recv_multipart()
+            received += 1
+            if received % 64 == 0:
+                # zmq.asyncio returns queued frames without yielding: under a flood of
+                # events, let connections, heartbeats and the watchdog run.
+                await asyncio.sleep(0)
             if len(frames) != 2:
                 log.warning("worker_frame_malformed", parts=len(frames))
                 continue
