@@ -74,3 +74,15 @@ async def test_http_actions_with_websocket_subscription(supervisor):
         assert [e["seq"] for e in received] == [e["seq"] for e in logged]
         assert [e["event"] for e in received] == [e["event"] for e in logged]
         await conn.close()
+
+
+async def test_paced_chunks_carry_their_emission_time(supervisor):
+    async with Client(supervisor.url) as client:
+        sid = (await client.action("vm", "paced", "createSession", "local", {}))["sessionId"]
+        result = await client.action("vm", "paced", "sendPrompt", sid, "chunks: 5 at 100/s")
+        lines = result["text"].splitlines()
+        assert [line.split(" at ")[0] for line in lines] == [f"chunk {i} of 5" for i in range(1, 6)]
+        stamps = [float(line.split(" at ")[1]) for line in lines]
+        assert stamps == sorted(stamps) and stamps[-1] > stamps[0]
+        bad = await client.action("vm", "paced", "sendPrompt", sid, "chunks: 5 at fast")
+        assert bad["text"].startswith("chunks: expected")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from typing import Final
 
@@ -36,6 +37,8 @@ EMPTY_REPLY: Final = "(empty prompt)\n"
 
 _TOKEN: Final = re.compile(r"^\s+|\S+\s*")
 _DIRECTIVE: Final = re.compile(r"^(think|run|chunks|sleep):\s?(.*)$")
+_PACED: Final = re.compile(r"^(\d+)\s+at\s+(\d+(?:\.\d+)?)/s$")
+MAX_RATE: Final = 100_000.0
 _WRITE: Final = re.compile(r"^write\s+(\S+):\s?(.*)$")
 
 
@@ -73,10 +76,17 @@ class LocalAgent(Agent):
                 await self._say(turn, await self._run(turn, arg))
                 return True
             case "chunks":
-                count = int(arg) if arg.strip().isdigit() else -1
-                if not 0 <= count <= MAX_CHUNKS:
-                    await self._say(turn, f"chunks: expected a number from 0 to {MAX_CHUNKS}\n")
+                paced = _PACED.match(arg.strip())
+                count_text, rate_text = paced.groups() if paced else (arg.strip(), None)
+                count = int(count_text) if count_text.isdigit() else -1
+                rate = float(rate_text) if rate_text else 0.0
+                if not 0 <= count <= MAX_CHUNKS or not 0 <= rate <= MAX_RATE:
+                    await self._say(turn, f"chunks: expected `N` or `N at R/s`, N from 0 to {MAX_CHUNKS}, "
+                                          f"R up to {MAX_RATE:g}\n")
                     return True
+                if rate:
+                    await self._paced_chunks(turn, count, rate)
+                    return count > 0
                 for i in range(1, count + 1):
                     await turn.emit(chunk(UpdateKind.AGENT_MESSAGE_CHUNK, f"chunk {i} of {count}\n"))
                 return count > 0
@@ -91,6 +101,18 @@ class LocalAgent(Agent):
                 await asyncio.sleep(seconds)
                 return False
         raise AssertionError(f"unhandled directive {verb}")
+
+    @staticmethod
+    async def _paced_chunks(turn: Turn, count: int, rate: float) -> None:
+        """Emit at a fixed rate, each chunk stamped with its emission time (for latency)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(1, count + 1):
+            delay = start + (i - 1) / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await turn.emit(chunk(UpdateKind.AGENT_MESSAGE_CHUNK,
+                                  f"chunk {i} of {count} at {time.time():.6f}\n"))
 
     @staticmethod
     async def _say(turn: Turn, text: str) -> None:
