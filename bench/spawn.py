@@ -1,0 +1,141 @@
+"""Benchmark: cold-actor start and idle-worker cost, zygote against plain subprocess.
+
+In one run, for each spawner (a supervisor per spawner, same machine, same settings):
+  * first action on a cold actor → answered (the worker answers `getRuntimeHealth` right
+    after its `hello`, before its VM boots): p50/p99 over --actors actors, started one
+    after another;
+  * RSS and USS per idle worker (psutil, after the actors have booted and gone idle);
+Then, with the zygote: how many idle actors the machine holds before connection setup
+(WebSocket upgrade → Init) degrades: Init p50/p99 measured at growing idle-actor counts.
+
+    .venv/bin/python bench/spawn.py [--actors 50] [--levels 0,200,400,800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.conn_setup import measure, pct  # noqa: E402
+from protocol.aio import Client  # noqa: E402
+from tests.conftest import SupervisorProc, free_port  # noqa: E402
+
+
+async def cold_starts(sup: SupervisorProc, count: int, prefix: str) -> list[float]:
+    times = []
+    async with Client(sup.url) as client:
+        for i in range(count):
+            started = time.perf_counter()
+            await client.action("vm", f"{prefix}-{i}", "getRuntimeHealth")
+            times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)
+
+
+async def wait_all_booted(sup: SupervisorProc, count: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            async with session.get(f"{sup.url}/admin/workers") as resp:
+                actors = (await resp.json())["actors"]
+            if sum(a["state"] == "ready" for a in actors) >= count:
+                return
+            await asyncio.sleep(0.2)
+    raise RuntimeError("actors did not boot")
+
+
+def worker_memory(sup: SupervisorProc) -> tuple[list[float], list[float]]:
+    rss, uss = [], []
+    for proc in psutil.Process(sup.proc.pid).children(recursive=True):
+        try:
+            if "vmworker" not in " ".join(proc.cmdline()) and proc.name() != "python":
+                continue
+            if "supervisor.zygote" in " ".join(proc.cmdline()) and proc.ppid() == sup.proc.pid:
+                continue
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        rss.append(info.rss / 2**20)
+        uss.append(info.uss / 2**20)
+    return rss, uss
+
+
+async def run_spawner(kind: str, actors: int, tmp: Path) -> dict:
+    sup = SupervisorProc(tmp / kind, free_port(), ["--spawner", kind, "--log-level", "warning"], dict(os.environ))
+    sup.start()
+    try:
+        await cold_starts(sup, 3, "warmup")  # the zygote itself starts on the first spawn
+        times = await cold_starts(sup, actors, kind)
+        await wait_all_booted(sup, actors + 3)
+        await asyncio.sleep(1.0)
+        rss, uss = worker_memory(sup)
+    finally:
+        sup.stop()
+    return {"times": times, "rss": rss, "uss": uss}
+
+
+async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float], float]]:
+    sup = SupervisorProc(tmp / "capacity", free_port(), ["--log-level", "warning"], dict(os.environ))
+    sup.start()
+    rows = []
+    try:
+        await cold_starts(sup, 1, "probe")
+        await wait_all_booted(sup, 1)
+        await measure(sup.url, ["probe"], 200, 10)  # warm-up, not reported
+        running = 0
+        async with Client(sup.url) as client:
+            for level in levels:
+                while running < level:
+                    batch = [client.action("vm", f"idle-{i}", "getRuntimeHealth")
+                             for i in range(running, min(level, running + 20))]
+                    await asyncio.gather(*batch)
+                    running += len(batch)
+                await wait_all_booted(sup, level + 1)
+                await asyncio.sleep(1.0)
+                lat = await measure(sup.url, ["probe"], 400, 10)
+                avail = psutil.virtual_memory().available / 2**30
+                rows.append((level, lat, avail))
+    finally:
+        sup.stop()
+    return rows
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="actorvisor-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        results = {kind: await run_spawner(kind, args.actors, tmp) for kind in ("zygote", "subprocess")}
+        rows = await capacity([int(x) for x in args.levels.split(",")], tmp)
+
+    print(f"Cold actor, first action answered (ms), {args.actors} actors one after another")
+    print(f"{'spawner':<12}{'p50':>9}{'p99':>9}{'mean':>9}   idle worker RSS / USS (MiB, mean)")
+    for kind, r in results.items():
+        t = r["times"]
+        print(f"{kind:<12}{pct(t, .5):>9.1f}{pct(t, .99):>9.1f}{statistics.mean(t):>9.1f}   "
+              f"{statistics.mean(r['rss']):.1f} / {statistics.mean(r['uss']):.1f} over {len(r['rss'])} workers")
+    z, p = results["zygote"], results["subprocess"]
+    print(f"zygote vs subprocess: start p50 {pct(p['times'], .5) / pct(z['times'], .5):.1f}x faster, "
+          f"USS {statistics.mean(p['uss']) / statistics.mean(z['uss']):.1f}x smaller")
+    print("Connection setup (upgrade → Init) with N idle actors, zygote spawner (ms)")
+    print(f"{'idle actors':>12}{'p50':>9}{'p99':>9}{'mem avail GiB':>15}")
+    base = pct(rows[0][1], .99)
+    for level, lat, avail in rows:
+        flag = "  <- p99 over 2x baseline" if pct(lat, .99) > 2 * base else ""
+        print(f"{level:>12}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}{avail:>15.1f}{flag}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--actors", type=int, default=50)
+    parser.add_argument("--levels", default="0,200,400,800")
+    asyncio.run(main(parser.parse_args()))
