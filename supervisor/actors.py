@@ -39,6 +39,7 @@ from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
 from vmworker.eventlog import EventLog, EventRecord, now_ms
 
+from . import metrics
 from .config import Config
 from .relay import ActorRelay
 from .spawner import Spawner, WorkerProcess, WorkerSpec
@@ -248,6 +249,7 @@ class ActorManager:
             actor.pending.append(action)
             self.ensure_running(actor)
         actor.inflight[action.id] = fut
+        fut.add_done_callback(metrics.action_observer(name))
         self.actions_total += 1
         return fut
 
@@ -325,6 +327,7 @@ class ActorManager:
             f" (status {status}); the next action starts it again"))
         now = time.monotonic()
         actor.restarts.append(now)
+        metrics.RESTARTS.labels(reason.value).inc()
         while actor.restarts and now - actor.restarts[0] > self._config.restart_period:
             actor.restarts.popleft()
         actor.generation += 1

@@ -3,13 +3,22 @@
 `Supervisor.run()` serves until SIGTERM/SIGINT, then drains: stop accepting, close every
 client with a retryable reason, sleep every worker in parallel, kill stragglers' process
 groups, remove the ipc socket. It owns every task it starts and awaits each one at stop.
+
+Under systemd it tells the service manager `READY=1` the moment it listens (never after a
+VM), keeps `STATUS=` current, pings the watchdog only while its event loop and periodic
+tick are alive, and says `STOPPING=1` when the drain begins. The operations routes
+(`/metrics`, `/admin/workers`) read in-memory state; the one file read (open sessions
+from each actor's log) runs in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +28,74 @@ from aiohttp import WSCloseCode, web
 from protocol import worker as wire
 from protocol.errors import ActorvisorError
 
-from .actors import ActorManager
+from . import __version__, metrics
+from .actors import ActorManager, ActorState
 from .config import Config
 from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
+from .sdnotify import Notifier
 from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
 
 log = structlog.get_logger("supervisor")
 
 
+def session_counts(db_paths: list[Path]) -> list[tuple[int, int] | None]:
+    """(open, running) sessions per actor log, read-only (blocking: call it in a thread)."""
+    counts: list[tuple[int, int] | None] = []
+    for path in db_paths:
+        if not path.exists():
+            counts.append((0, 0))
+            continue
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+            try:
+                row = conn.execute("SELECT count(*), coalesce(sum(status = 'running'), 0)"
+                                   " FROM sessions WHERE status != 'closed'").fetchone()
+            finally:
+                conn.close()
+            counts.append((int(row[0]), int(row[1])))
+        except sqlite3.Error:
+            counts.append(None)
+    return counts
+
+
+def pid_namespace() -> str:
+    """Names this host's pid namespace, so a dashboard can tell whether our pids are its pids."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot_id}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 class Supervisor:
-    def __init__(self, config: Config, spawner: Spawner | None = None) -> None:
+    def __init__(self, config: Config, spawner: Spawner | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self._owns_runtime_dir = config.runtime_dir is None
         self.runtime_dir: Path = config.resolved_runtime_dir()
+        self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send)
         self.gateway = Gateway(self.manager, config)
         self.app = web.Application(client_max_size=config.max_message_size + 1024)
         self.app.add_routes(self.gateway.routes())
-        self.app.add_routes([web.get("/admin/workers", self.admin_workers),
+        self.app.add_routes([web.get("/metrics", self.metrics),
+                             web.get("/admin/workers", self.admin_workers),
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset)])
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._collector: metrics.SupervisorCollector | None = None
         self._stopped = asyncio.Event()
+        self._status = ""
         self.port: int = config.port
+        self.started_at = time.time()
+        self.loop_lag = 0.0
+        self._last_tick = time.monotonic()
 
     def _on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
         self.manager.on_worker_message(actor_id, msg)
@@ -64,51 +113,155 @@ class Supervisor:
             sockets = getattr(server, "sockets", None) or []
             if sockets:
                 self.port = sockets[0].getsockname()[1]
+        self._collector = metrics.SupervisorCollector(self)
+        metrics.REGISTRY.register(self._collector)
+        self._last_tick = time.monotonic()
         self._ticker = asyncio.create_task(self._tick(), name="supervisor-tick")
+        self._ticker.add_done_callback(self._ticker_done)
         log.info("supervisor_listening", listen=f"{self.config.host}:{self.port}",
                  state_dir=str(self.config.state_dir), ipc=self.hub.endpoint)
+        # Listening is all "ready" means: no worker is started, let alone waited for.
+        self._status = self.status_line()
+        self.notifier.ready(self._status)
+        if self.notifier.watchdog_interval is not None:
+            self._watchdog_task = asyncio.create_task(
+                self._watchdog(self.notifier.watchdog_interval), name="supervisor-watchdog")
 
     async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.heartbeat_interval
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
+            before = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag = max(0.0, loop.time() - before - interval)
             self.manager.tick()
+            self._last_tick = time.monotonic()
+            status = self.status_line()
+            if status != self._status:
+                self._status = status
+                self.notifier.status(status)
+
+    def _ticker_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # The watchdog sees the tick go stale and stops vouching for us.
+            log.error("supervisor_tick_crashed", exc_info=task.exception())
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog only while the loop runs and the tick keeps ticking.
+
+        This coroutine runs on the event loop it vouches for: a blocked loop sends
+        nothing. A tick that stopped (it raised, or something starves it) is stale
+        after a few heartbeat intervals; then pings stop and systemd restarts us.
+        """
+        stale_after = 3 * self.config.heartbeat_interval + interval
+        withheld = False
+        while True:
+            await asyncio.sleep(interval)
+            stale = time.monotonic() - self._last_tick
+            if stale > stale_after:
+                if not withheld:
+                    log.error("watchdog_withheld", tick_stale_s=round(stale, 1))
+                withheld = True
+                continue
+            withheld = False
+            self.notifier.watchdog()
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: actors by state, connections."""
+        counts: dict[str, int] = {}
+        for actor in self.manager.all():
+            counts[actor.state.value] = counts.get(actor.state.value, 0) + 1
+        states = ", ".join(f"{counts[s.value]} {s.value}" for s in ActorState if s.value in counts)
+        return (f"actors: {states or 'none'}; connections: {len(self.gateway.connections)}; "
+                f"listening on {self.config.host}:{self.port}")
 
     async def stop(self, timeout: float | None = None) -> None:
         log.info("supervisor_draining", connections=len(self.gateway.connections))
+        running = sum(1 for a in self.manager.all() if a.proc is not None)
+        self.notifier.stopping(f"draining: {len(self.gateway.connections)} connections, "
+                               f"{running} workers")
         self.manager.accepting = False
         for conn in list(self.gateway.connections):
             conn.close_soon(WSCloseCode.GOING_AWAY, CLOSE_GOING_AWAY)
         await self.manager.stop_all(self.config.stop_timeout if timeout is None else timeout)
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
+        for task in (self._ticker, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.hub.close()
         await self.spawner.close()
+        if self._collector is not None:
+            metrics.REGISTRY.unregister(self._collector)
+            self._collector = None
         if self._owns_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("supervisor_stopped")
+        self.notifier.close()
 
     def request_stop(self) -> None:
         self._stopped.set()
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; the exit status (1 when it could not listen)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        await self.start()
         try:
+            try:
+                await self.start()
+            except OSError as exc:
+                log.error("listen_failed", listen=self.config.listen, error=str(exc))
+                return 1
             await self._stopped.wait()
         finally:
             await self.stop()
+        return 0
+
+    # ---- operations routes ---------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def admin_workers(self, request: web.Request) -> web.Response:
+        """Everything `actorvisor top` shows that is not a process figure (psutil's part)."""
+        actors = self.manager.all()
+        sessions = await asyncio.to_thread(session_counts, [a.dir / "events.db" for a in actors])
+        by_state = {state.value: 0 for state in ActorState}
+        rows = []
+        for actor, counted in zip(actors, sessions):
+            by_state[actor.state.value] += 1
+            row = actor.describe()
+            queued = [c.queued_bytes for c in actor.connections]
+            row.update(sessions=counted[0] if counted else None,
+                       sessionsRunning=counted[1] if counted else None,
+                       queuedBytes=sum(queued), maxQueuedBytes=max(queued, default=0))
+            rows.append(row)
+        conns = list(self.gateway.connections)
         body: dict[str, Any] = {
-            "supervisor": {"connections": len(self.gateway.connections),
-                           "connectionsTotal": self.gateway.connections_total,
-                           "actionsTotal": self.manager.actions_total},
-            "actors": [a.describe() for a in self.manager.all()],
+            "supervisor": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "zygotePid": getattr(self.spawner, "zygote_pid", None),
+                "pidNamespace": pid_namespace(),
+                "listen": f"{self.config.host}:{self.port}",
+                "startedAt": self.started_at,
+                "uptimeMs": int((time.time() - self.started_at) * 1000),
+                "accepting": self.manager.accepting,
+                "connections": len(conns),
+                "connectionsTotal": self.gateway.connections_total,
+                "actionsTotal": self.manager.actions_total,
+                "eventsRelayed": sum(a.relay.events_relayed for a in actors),
+                "queuedBytes": sum(c.queued_bytes for c in conns),
+                "actorsByState": by_state,
+                "loopLagMs": round(self.loop_lag * 1000, 1),
+                "heartbeatIntervalMs": int(self.config.heartbeat_interval * 1000),
+                "hangTimeoutMs": int(self.config.hang_timeout * 1000),
+                "connQueueBytes": self.config.conn_queue_bytes,
+            },
+            "actors": rows,
         }
         return web.json_response(body)
 

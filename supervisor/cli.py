@@ -1,6 +1,7 @@
 """The `actorvisor` command line: run the service, and talk to a running one.
 
     actorvisor run    [--listen HOST:PORT] [--state-dir DIR] [--boot-delay SECONDS] [...]
+    actorvisor top    [--url URL] [--once] [--json] [--sort COLUMN] [--interval SECONDS]
     actorvisor demo   [--url URL] [--actor KEY] [--agent local|claude] [--prompt TEXT]
     actorvisor call   ACTOR ACTION [JSON_ARG ...]
     actorvisor events ACTOR [--after SEQ] [--follow]
@@ -25,6 +26,10 @@ from protocol.errors import ActorvisorError
 from protocol.names import ACTOR_KIND_VM
 
 from .config import Config, parse_listen
+
+# The dashboard's sort columns, listed here so `--help` needs neither rich nor psutil.
+SORT_COLUMNS = ["key", "state", "pid", "up", "cpu", "rss", "uss", "threads", "files", "vm",
+                "sessions", "conns", "subs", "events", "queue", "outq", "restarts", "heartbeat"]
 
 
 def _default_url() -> str:
@@ -65,8 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     configure(config.log_level)
-    asyncio.run(Supervisor(config).run())
-    return 0
+    return asyncio.run(Supervisor(config).run())
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from .dashboard import run_top
+
+    return run_top(args.url, once=args.once, as_json=args.json, interval=args.interval,
+                   sort=args.sort, reverse=args.reverse)
 
 
 def _print_update(payload: dict[str, Any]) -> None:
@@ -163,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--ring-size", type=int, help="recent events kept in memory per actor")
     run.add_argument("--conn-queue-bytes", type=int, help="outbound bytes a connection may queue")
 
+    top = sub.add_parser("top", help="live dashboard of the supervisor and every worker")
+    top.add_argument("--url", default=_default_url())
+    top.add_argument("--once", action="store_true", help="print one sample and exit")
+    top.add_argument("--json", action="store_true",
+                     help="print samples as JSON, one object per line (with --once: one)")
+    top.add_argument("--sort", default="cpu", choices=SORT_COLUMNS,
+                     help="initial sort column (default cpu; < and > change it live)")
+    top.add_argument("--reverse", action="store_true", help="reverse the sort order")
+    top.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between samples (default 1); --once samples twice")
+
     demo = sub.add_parser("demo", help="the quickstart: a session, a prompt, its event stream")
     demo.add_argument("--url", default=_default_url())
     demo.add_argument("--actor", default="my-agent")
@@ -186,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         match args.command:
             case "run":
                 return cmd_run(args)
+            case "top":
+                return cmd_top(args)
             case "demo":
                 return asyncio.run(_demo(args))
             case "call":

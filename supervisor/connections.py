@@ -31,6 +31,7 @@ from protocol.client import (
 )
 from protocol.errors import ActorvisorError, ErrorCode
 
+from . import metrics
 from .actors import Actor, ActorManager
 from .relay import Subscription
 
@@ -82,6 +83,7 @@ class Connection:
         self._wake.set()
         if self.queued_bytes > self._max_queue_bytes:
             self.log.warning("slow_consumer_disconnected", queued_bytes=self.queued_bytes)
+            metrics.SLOW_CONSUMER_DISCONNECTS.inc()
             self.close_soon(WSCloseCode.TRY_AGAIN_LATER, CLOSE_SLOW_CONSUMER, drop_queue=True)
             self._evictor = asyncio.create_task(self._evict(), name=f"evict-{self.id}")
 

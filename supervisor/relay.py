@@ -27,6 +27,8 @@ import structlog
 
 from protocol.client import Encoding, Event, encode_to_client
 
+from . import metrics
+
 log = structlog.get_logger("supervisor.relay")
 
 
@@ -184,6 +186,7 @@ class ActorRelay:
         event = LoggedEvent(seq, name, payload)
         self.ring.append(event)
         self.events_relayed += 1
+        metrics.EVENTS_RELAYED.inc()
         for sub in tuple(self._subs.get(name, ())):
             sub.offer(event)
 
@@ -199,10 +202,12 @@ class ActorRelay:
             return sub
         ring_start = self.ring[0].seq if self.ring else None
         if ring_start is not None and after >= ring_start - 1:
+            metrics.REPLAYS.labels("ring").inc()
             for event in tuple(self.ring):
                 if event.name == name:
                     sub.offer(event)
             return sub
+        metrics.REPLAYS.labels("log").inc()
         sub.begin_catch_up()
         sub.task = asyncio.create_task(self._catch_up(sub), name=f"catch-up-{self.actor_id}")
         return sub

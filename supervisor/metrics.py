@@ -1,0 +1,133 @@
+"""Prometheus metrics of the supervisor: counters bumped where things happen, gauges read at scrape.
+
+Counters (events relayed, replays, restarts, slow-consumer disconnects, action outcomes
+and latencies) are module-level objects in one process-wide registry, incremented with a
+single call at their call site: a process runs one supervisor. Everything that is a
+current level (connections, actors by state, queued bytes, subscriptions) is not counted
+at all but read from the live objects when Prometheus scrapes, by `SupervisorCollector`,
+so it can never drift from what the supervisor really holds.
+
+Labels are bounded sets only (action names, error codes, states, reasons); never an actor
+key, id or connection id. Rendering happens in the `/metrics` handler, on the event
+loop: it is a walk over in-memory objects, no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .app import Supervisor
+
+# `*_created` series double the output and nothing here needs them.
+disable_created_metrics()
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+EVENTS_RELAYED = Counter(
+    "actorvisor_events_relayed", "Durable events received from workers and fanned out to subscribers",
+    registry=REGISTRY)
+REPLAYS = Counter(
+    "actorvisor_replays", "Subscriptions backfilled from history (ring: in memory; log: read from SQLite)",
+    ["source"], registry=REGISTRY)
+RESTARTS = Counter(
+    "actorvisor_worker_restarts", "Workers that exited unexpectedly (crash) or were killed as hung (hang)",
+    ["reason"], registry=REGISTRY)
+SLOW_CONSUMER_DISCONNECTS = Counter(
+    "actorvisor_slow_consumer_disconnects",
+    "Connections closed because their outbound queue exceeded its byte limit", registry=REGISTRY)
+ACTIONS = Counter(
+    "actorvisor_actions", "Actions completed, by action and outcome (ok or an error code)",
+    ["action", "outcome"], registry=REGISTRY)
+ACTION_LATENCY = Histogram(
+    "actorvisor_action_duration_seconds",
+    "Time from an action's submission to its reply, including any wait for the worker to start",
+    ["action"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+
+for _source in ("ring", "log"):
+    REPLAYS.labels(_source)
+for _reason in ("crash", "hang"):
+    RESTARTS.labels(_reason)
+
+
+def action_observer(action: str) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for an action's future that records its latency and outcome."""
+    started = time.perf_counter()
+
+    def observe(fut: asyncio.Future[Any]) -> None:
+        ACTION_LATENCY.labels(action).observe(time.perf_counter() - started)
+        if fut.cancelled():
+            outcome = "cancelled"
+        elif (exc := fut.exception()) is not None:
+            code = getattr(exc, "code", None)
+            outcome = str(getattr(code, "value", "error"))
+        else:
+            outcome = "ok"
+        ACTIONS.labels(action, outcome).inc()
+
+    return observe
+
+
+class SupervisorCollector(Collector):
+    """Current levels, read from one running supervisor at scrape time."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from .actors import ActorState
+
+        sup = self._sup
+        conns = list(sup.gateway.connections)
+        actors = sup.manager.all()
+
+        yield _gauge("actorvisor_connections", "Open WebSocket connections", len(conns))
+        opened = CounterMetricFamily("actorvisor_connections_opened", "WebSocket connections accepted")
+        opened.add_metric([], sup.gateway.connections_total)
+        yield opened
+        by_state = GaugeMetricFamily("actorvisor_actors", "Known actors, by state", labels=["state"])
+        counts = {state.value: 0 for state in ActorState}
+        for actor in actors:
+            counts[actor.state.value] += 1
+        for state, n in counts.items():
+            by_state.add_metric([state], n)
+        yield by_state
+        yield _gauge("actorvisor_queue_bytes", "Outbound bytes queued to clients, all connections",
+                     sum(c.queued_bytes for c in conns))
+        yield _gauge("actorvisor_queue_bytes_max", "Largest outbound queue of one connection, bytes",
+                     max((c.queued_bytes for c in conns), default=0))
+        yield _gauge("actorvisor_subscriptions", "Event subscriptions of all connections",
+                     sum(a.relay.subscriber_count() for a in actors))
+        yield _gauge("actorvisor_pending_actions", "Actions waiting for their worker to start",
+                     sum(len(a.pending) for a in actors))
+        yield _gauge("actorvisor_inflight_actions", "Actions sent or queued and not yet answered",
+                     sum(len(a.inflight) for a in actors))
+        yield _gauge("actorvisor_event_loop_lag_seconds",
+                     "How late the supervisor's periodic tick last woke up", sup.loop_lag)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition body and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
