@@ -4,6 +4,11 @@ It answers connection setup inline — `Init` goes out right after the upgrade, 
 any worker is doing — and then starts the actor's worker without waiting for it. It
 never awaits a worker while opening, subscribing or closing a connection; only an HTTP
 action waits, for its own reply.
+
+An actor's key has two spellings on the wire: the gateway query joins its parts with
+`,` (`rvt-key=a,b`), the manager API (`/actors`) uses RivetKit's escaped `/`-joined form
+(`"a/b"`, `"/"` for no parts). The gateway stores the query form, so the same key reaches
+the same actor whichever way the client names it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol import client as cp
 from protocol.client import Encoding, Init
@@ -24,7 +29,7 @@ from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
 from . import __version__
 from .actors import Actor, ActorManager
 from .config import Config
-from .connections import Connection, error_frame
+from .connections import CLOSE_GOING_AWAY, Connection, error_frame
 
 log = structlog.get_logger("supervisor.gateway")
 
@@ -50,6 +55,36 @@ _STATUS = {
 
 def http_status(code: ErrorCode) -> int:
     return _STATUS.get(code, 400)
+
+
+def key_from_manager_api(serialized: str) -> str:
+    """RivetKit's serialized key (`\\` escapes, `/` separates, `\\0` is an empty part) as
+    the query form: parts joined by `,`."""
+    if serialized == "/":
+        return ""
+    parts: list[str] = []
+    part, escaping = "", False
+    for ch in serialized:
+        if escaping:
+            part += "" if ch == "0" else ch
+            escaping = False
+        elif ch == "\\":
+            escaping = True
+        elif ch == "/":
+            parts.append(part)
+            part = ""
+        else:
+            part += ch
+    parts.append(part + ("\\" if escaping else ""))
+    return ",".join(parts)
+
+
+def key_for_manager_api(key: str) -> str:
+    """The query form of a key as RivetKit serializes it in `/actors` responses."""
+    if key == "":
+        return "/"
+    return "/".join("\\0" if part == "" else part.replace("\\", "\\\\").replace("/", "\\/")
+                    for part in key.split(","))
 
 
 class Gateway:
@@ -112,6 +147,11 @@ class Gateway:
         ws = web.WebSocketResponse(protocols=("rivet",), max_msg_size=4 * self.max_message_size,
                                    heartbeat=30.0)
         await ws.prepare(request)
+        if not self.manager.accepting:
+            # Draining: no Init, just the reason the RivetKit client retries on (with
+            # backoff), so a reconnect does not land on a supervisor about to exit.
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=CLOSE_GOING_AWAY.encode())
+            return ws
         conn = Connection(ws, actor, self.manager, encoding, self.config.conn_queue_bytes,
                           opened_at=opened_at, implicit_grace=self.config.implicit_cursor_grace,
                           implicit_window=self.config.implicit_cursor_window,
@@ -191,7 +231,7 @@ class Gateway:
         return {
             "actor_id": actor.id,
             "name": actor.name,
-            "key": actor.key,
+            "key": key_for_manager_api(actor.key),
             "namespace_id": "default",
             "runner_name_selector": "default",
             "create_ts": int(actor.created_at * 1000),
@@ -210,12 +250,14 @@ class Gateway:
 
     @staticmethod
     def _name_key(body: Mapping[str, Any]) -> tuple[str, str]:
-        name, key = body.get("name"), body.get("key", "")
+        name, key = body.get("name"), body.get("key")
         if not isinstance(name, str):
             raise ActorvisorError(ErrorCode.INVALID_ARGS, "field 'name' must be a string")
+        if key is None:
+            key = "/"
         if not isinstance(key, str):
             raise ActorvisorError(ErrorCode.INVALID_ARGS, "field 'key' must be a string")
-        return name, key
+        return name, key_from_manager_api(key)
 
     async def actors_get_or_create(self, request: web.Request) -> web.Response:
         try:
@@ -248,8 +290,9 @@ class Gateway:
                     except ActorvisorError:
                         continue
             elif (name := query.get("name")) is not None and "key" in query:
-                actors = [self.manager.get_or_create(name, query["key"], create=False)] \
-                    if self.manager.exists(name, query["key"]) else []
+                key = key_from_manager_api(query["key"])
+                actors = [self.manager.get_or_create(name, key, create=False)] \
+                    if self.manager.exists(name, key) else []
             else:
                 name = query.get("name")
                 actors = [a for a in self.manager.all() if name is None or a.name == name]
