@@ -1,0 +1,49 @@
+"""Log set-up: secrets never reach a line, and journald gets a priority per line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vmworker.logs import REDACTED, JournalPrefixed, RedactSecrets, stderr_is_journal
+
+SECRET = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz"
+
+
+def test_fields_named_like_credentials_are_masked_at_any_depth():
+    redact = RedactSecrets({})
+    out = redact(None, "info", {
+        "event": "session_created", "key": "my-agent", "input_tokens": 12,
+        "options": {"env": {"API_KEY": "hunter22", "HOME": "/workspace"}},
+        "headers": [{"authorization": "Bearer abc"}], "password": "",
+    })
+    assert out["key"] == "my-agent" and out["input_tokens"] == 12
+    assert out["options"] == {"env": {"API_KEY": REDACTED, "HOME": "/workspace"}}
+    assert out["headers"] == [{"authorization": REDACTED}]
+    assert out["password"] == ""
+
+
+def test_secret_values_from_the_environment_and_key_shapes_are_masked_anywhere():
+    redact = RedactSecrets({"ANTHROPIC_API_KEY": SECRET, "MY_TOKEN": "tok-12345678", "PATH": "/usr/bin"})
+    out = redact(None, "error", {
+        "event": "agent_failed", "error": f"401 for key {SECRET}",
+        "exception": "Traceback ...\nValueError: tok-12345678 rejected",
+        "other": "sk-ant-somethingelse123", "path": "/usr/bin",
+    })
+    assert out["error"] == f"401 for key {REDACTED}"
+    assert out["exception"].endswith(f"ValueError: {REDACTED} rejected")
+    assert out["other"] == REDACTED and out["path"] == "/usr/bin"
+
+
+def test_journal_prefix_carries_the_syslog_priority():
+    wrapped = JournalPrefixed(lambda logger, method, event: event["event"])
+    assert wrapped(None, "info", {"event": "x", "level": "info"}) == "<6>x"
+    assert wrapped(None, "warning", {"event": "x", "level": "warning"}) == "<4>x"
+    assert wrapped(None, "error", {"event": "x", "level": "error"}) == "<3>x"
+
+
+def test_journal_stream_is_recognised_only_when_it_is_our_stderr():
+    st = os.fstat(sys.stderr.fileno())
+    assert stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert not stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+    assert not stderr_is_journal({})
