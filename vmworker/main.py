@@ -37,7 +37,7 @@ from . import logs
 from .actions import Actions
 from .eventlog import EventLog, EventReader
 from .outbox import Outbox
-from .sessions import SessionManager
+from .sessions import SessionLog, SessionManager
 from .vm import Vm, VmPhase
 
 PR_SET_PDEATHSIG: Final = 1
@@ -139,7 +139,8 @@ class Worker:
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
         self.outbox.send(Phase(VmPhase.BOOTING.value))
         self.vm = Vm(cfg.actor_dir, cfg.boot_delay_s)
-        self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions())
+        self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
+                                       SessionLog(self.outbox, reader, reader_pool))
         self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,
                                cfg.generation)
         self.log.info("worker_started", name=cfg.actor_name, key=cfg.actor_key,

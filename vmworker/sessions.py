@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -31,14 +32,17 @@ from .agents.base import (
     UpdateKind,
     text_content,
 )
-from .eventlog import SessionRow, now_ms
+from .eventlog import EventReader, SessionRow, now_ms
 from .outbox import Outbox
 from .sandbox import ExecResult, validate_env
 from .vm import Vm
 from .vmfs import normalize
 
 MAX_PROMPT_CHARS: Final = 1024 * 1024
-_OPTION_KEYS: Final = ("cwd", "env", "model", "systemPrompt", "permissionPolicy")
+MAX_TOKENS_LIMIT: Final = 1_000_000
+HISTORY_PAGE: Final = 10_000
+_OPTION_KEYS: Final = ("cwd", "env", "model", "systemPrompt", "permissionPolicy", "maxTokens",
+                       "thinking", "thinkingBudget")
 
 log = structlog.get_logger()
 
@@ -79,8 +83,20 @@ def parse_options(value: object, *, what: str = "options") -> SessionOptions:
             ErrorCode.INVALID_ARGS,
             f"{what}.permissionPolicy must be 'allow_all' or 'ask'; got {policy!r:.80}",
         )
+    limits: dict[str, int | None] = {}
+    for key in ("maxTokens", "thinkingBudget"):
+        item = value.get(key)
+        if item is not None and (not isinstance(item, int) or isinstance(item, bool)
+                                 or not 1 <= item <= MAX_TOKENS_LIMIT):
+            raise ActorvisorError(ErrorCode.INVALID_ARGS,
+                                  f"{what}.{key} must be an integer from 1 to {MAX_TOKENS_LIMIT}")
+        limits[key] = item
+    thinking = value.get("thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise ActorvisorError(ErrorCode.INVALID_ARGS, f"{what}.thinking must be a boolean")
     return SessionOptions(cwd, env, strings["model"], strings["systemPrompt"],
-                          PermissionPolicy(policy))
+                          PermissionPolicy(policy), limits["maxTokens"], bool(thinking),
+                          limits["thinkingBudget"])
 
 
 @dataclass(eq=False)
@@ -106,10 +122,12 @@ class Session:
 class SessionTurn:
     """One running turn: the `agents.base.Turn` an agent acts through."""
 
-    def __init__(self, session: Session, outbox: Outbox, vm: Vm) -> None:
+    def __init__(self, session: Session, outbox: Outbox, vm: Vm, log: SessionLog) -> None:
         self._session = session
         self._outbox = outbox
         self._vm = vm
+        self._log = log
+        self.first_seq: int | None = None
         self.text_parts: list[str] = []
         self.task: asyncio.Task[StopReason] | None = None
         self.cancel_requested = False
@@ -132,22 +150,28 @@ class SessionTurn:
             "method": "session/update",
             "params": {"sessionId": self.session_id, "update": update},
         }
-        await self._outbox.append(EventName.SESSION_EVENT.value,
-                                  {"sessionId": self.session_id, "event": event},
-                                  session_id=self.session_id)
+        seq = await self._outbox.append(EventName.SESSION_EVENT.value,
+                                        {"sessionId": self.session_id, "event": event},
+                                        session_id=self.session_id)
+        if self.first_seq is None:
+            self.first_seq = seq
         # A scheduling point per update: the outbox streams while the agent produces, and
         # an agent that never awaits anything else cannot starve other actions.
         await asyncio.sleep(0)
 
     async def exec(self, command: str, *, timeout_s: float = 60.0) -> ExecResult:
         cwd = normalize(self.options.cwd) if self.options.cwd is not None else None
-        return await self._vm.exec(command, cwd=cwd, env=self.options.env, timeout_s=timeout_s)
+        return await self._vm.exec(command, cwd=cwd, env=self.options.vm_env, timeout_s=timeout_s)
 
     async def read_file(self, path: str) -> bytes:
         return await self._vm.read_file(normalize(path))
 
     async def write_file(self, path: str, data: bytes) -> None:
         await self._vm.write_file(normalize(path), data)
+
+    async def history(self) -> list[dict[str, Any]]:
+        before = self.first_seq if self.first_seq is not None else self._outbox.last_seq + 1
+        return await self._log.updates(self.session_id, before)
 
     async def request_permission(
         self, tool_call: dict[str, Any], options: list[dict[str, Any]] | None = None
@@ -181,10 +205,42 @@ class SessionTurn:
             self._session.permissions.pop(permission_id, None)
 
 
+class SessionLog:
+    """Reads a session's past updates back from the event log, for agents that rebuild
+    their conversation from it. Shares the log's reader thread with the actions."""
+
+    def __init__(self, outbox: Outbox, reader: EventReader, executor: ThreadPoolExecutor) -> None:
+        self._outbox = outbox
+        self._reader = reader
+        self._executor = executor
+
+    async def updates(self, session_id: str, before_seq: int) -> list[dict[str, Any]]:
+        """The `update` of every `sessionEvent` of the session with seq < `before_seq`."""
+        # Everything queued before now is committed after this, so the read sees it.
+        await self._outbox.flush()
+        loop = asyncio.get_running_loop()
+        updates: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = await loop.run_in_executor(self._executor, self._reader.read_session,
+                                              session_id, EventName.SESSION_EVENT.value,
+                                              after, HISTORY_PAGE)
+            for record in page.events:
+                if record.seq >= before_seq:
+                    return updates
+                update = record.payload.get("event", {}).get("params", {}).get("update")
+                if isinstance(update, dict):
+                    updates.append(update)
+            after = page.next_cursor
+            if not page.has_more:
+                return updates
+
+
 class SessionManager:
-    def __init__(self, outbox: Outbox, vm: Vm, rows: list[SessionRow]) -> None:
+    def __init__(self, outbox: Outbox, vm: Vm, rows: list[SessionRow], log: SessionLog) -> None:
         self._outbox = outbox
         self._vm = vm
+        self._log = log
         self._sessions: dict[str, Session] = {}
         for row in rows:
             # A session that was running when the last worker died is idle now: its turn
@@ -236,7 +292,7 @@ class SessionManager:
         if session.agent is None:
             session.agent = create_agent(session.agent_type, session.options)
         agent = session.agent
-        turn = SessionTurn(session, self._outbox, self._vm)
+        turn = SessionTurn(session, self._outbox, self._vm, self._log)
         # Claim the session before the first await: one turn per session.
         session.turn = turn
         self._set_status(session, SessionStatus.RUNNING)

@@ -15,7 +15,7 @@ from protocol.worker import WorkerToSupervisor, decode
 from vmworker.actions import Actions
 from vmworker.eventlog import EventLog, EventReader
 from vmworker.outbox import Outbox
-from vmworker.sessions import SessionManager
+from vmworker.sessions import SessionLog, SessionManager
 from vmworker.vm import Vm
 
 from .harness import WorkerHarness
@@ -52,6 +52,7 @@ class InProcessActor:
     sessions: SessionManager
     actions: Actions
     sent: list[WorkerToSupervisor]
+    session_log: SessionLog
 
     async def call(self, name: str, *args: object) -> object:
         return await self.actions.dispatch(name, list(args))
@@ -73,12 +74,13 @@ async def actor(tmp_path: Path) -> AsyncIterator[InProcessActor]:
 
     outbox = Outbox(log, send, writer)
     vm = Vm(actor_dir, boot_delay_s=0.0)
-    sessions = SessionManager(outbox, vm, log.load_sessions())
+    session_log = SessionLog(outbox, reader, reader_pool)
+    sessions = SessionManager(outbox, vm, log.load_sessions(), session_log)
     actions = Actions(vm, sessions, outbox, reader, reader_pool, restarts=0)
     writer_task = asyncio.create_task(outbox.run())
     await vm.boot()
     try:
-        yield InProcessActor(actor_dir, log, outbox, vm, sessions, actions, sent)
+        yield InProcessActor(actor_dir, log, outbox, vm, sessions, actions, sent, session_log)
     finally:
         sessions.cancel_all()
         await vm.sandbox.kill_all()

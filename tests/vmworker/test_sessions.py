@@ -198,7 +198,8 @@ async def test_sessions_survive_a_restart(actor: InProcessActor) -> None:
     sid = await new_session(actor, env={"GREETING": "hi"}, cwd="/tmp")
     await actor.call("sendPrompt", sid, "run: echo $GREETING; pwd")
     await settle(actor)
-    reloaded = SessionManager(actor.outbox, actor.vm, actor.log.load_sessions())
+    reloaded = SessionManager(actor.outbox, actor.vm, actor.log.load_sessions(),
+                              actor.session_log)
     session = reloaded.get(sid)
     assert session.options.env == {"GREETING": "hi"} and session.options.cwd == "/tmp"
     assert session.status.value == "idle"

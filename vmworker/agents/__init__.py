@@ -1,12 +1,12 @@
 """Agents that answer prompts in a session, and the one place that picks one by type.
 
-`create_agent` maps an `AgentType` to an implementation of `base.Agent`. It never starts
-a turn and never validates options beyond what picking the agent needs.
+`create_agent` maps an `AgentType` to an implementation of `base.Agent`, resolving what
+the agent needs to start (for `claude`: a credential, else a readable error). It never
+starts a turn and never validates options beyond what picking the agent needs.
 """
 
 from __future__ import annotations
 
-from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import AgentType
 
 from .base import Agent, SessionOptions
@@ -18,7 +18,8 @@ def create_agent(agent_type: AgentType, options: SessionOptions) -> Agent:
         case AgentType.LOCAL:
             return LocalAgent()
         case AgentType.CLAUDE:
-            raise ActorvisorError(
-                ErrorCode.INVALID_ARGS,
-                "agent type 'claude' is not available yet; use 'local'",
-            )
+            # Imported on first use: the SDK costs a second and tens of MB, which an actor
+            # that only runs `local` sessions should not pay (the zygote preloads it anyway).
+            from . import claude
+
+            return claude.create(options)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ..sandbox import ExecResult
 
@@ -28,6 +28,7 @@ class StopReason(StrEnum):
 
     END_TURN = "end_turn"
     MAX_TOKENS = "max_tokens"
+    MAX_TURN_REQUESTS = "max_turn_requests"
     REFUSAL = "refusal"
     CANCELLED = "cancelled"
 
@@ -73,24 +74,48 @@ class ToolStatus(StrEnum):
     FAILED = "failed"
 
 
+SECRET_ENV: Final = frozenset({"ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"})
+"""Agent credentials a session's `env` may carry. They configure the agent only: never
+passed into the VM, never persisted (so a restarted worker no longer has them)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionOptions:
-    """Validated `createSession` options; `cwd` is a normalised VM path."""
+    """Validated `createSession` options; `cwd` is a normalised VM path.
+
+    `thinking` asks for adaptive thinking; `thinking_budget` for manual extended thinking
+    with that many tokens (for models without adaptive thinking)."""
 
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     model: str | None = None
     system_prompt: str | None = None
     permission_policy: PermissionPolicy = PermissionPolicy.ALLOW_ALL
+    max_tokens: int | None = None
+    thinking: bool = False
+    thinking_budget: int | None = None
+
+    @property
+    def vm_env(self) -> dict[str, str]:
+        """The environment commands in the VM get: `env` without agent credentials."""
+        return {k: v for k, v in self.env.items() if k not in SECRET_ENV}
 
     def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"env": self.env, "permissionPolicy": self.permission_policy.value}
+        """The options as persisted: credentials are left out."""
+        out: dict[str, Any] = {"env": self.vm_env,
+                               "permissionPolicy": self.permission_policy.value}
         if self.cwd is not None:
             out["cwd"] = self.cwd
         if self.model is not None:
             out["model"] = self.model
         if self.system_prompt is not None:
             out["systemPrompt"] = self.system_prompt
+        if self.max_tokens is not None:
+            out["maxTokens"] = self.max_tokens
+        if self.thinking:
+            out["thinking"] = True
+        if self.thinking_budget is not None:
+            out["thinkingBudget"] = self.thinking_budget
         return out
 
 
@@ -107,13 +132,17 @@ class Turn(Protocol):
         """Publish one ACP update (the `update` object of a `session/update`)."""
 
     async def exec(self, command: str, *, timeout_s: float = 60.0) -> ExecResult:
-        """Run `/bin/sh -c command` in the VM with the session's cwd and env."""
+        """Run `/bin/sh -c command` in the VM with the session's cwd and `vm_env`."""
 
     async def read_file(self, path: str) -> bytes:
         """Read a VM file (same rules as the `readFile` action)."""
 
     async def write_file(self, path: str, data: bytes) -> None:
         """Write a VM file, creating parent directories (same rules as `writeFile`)."""
+
+    async def history(self) -> list[dict[str, Any]]:
+        """The session's ACP updates logged before this turn, oldest first: what an agent
+        rebuilds its conversation from (after a worker restart too)."""
 
     async def request_permission(
         self, tool_call: dict[str, Any], options: list[dict[str, Any]] | None = None
