@@ -224,6 +224,11 @@ class Connection:
                     fut.set_exception(err)
                 else:
                     self.errors.append(err)
+                    if err.code is ErrorCode.EPOCH_CHANGED and isinstance(err.metadata, dict):
+                        # A new log: its seqs start again at 1, so the old cursor means nothing.
+                        self.cursors.pop(str(err.metadata.get("eventName")), None)
+                        epoch = err.metadata.get("epoch")
+                        self.epoch = epoch if isinstance(epoch, str) else None
             case Event():
                 payload = msg.args[0] if msg.args else None
                 seq = payload.get("seq") if isinstance(payload, dict) else None

@@ -86,3 +86,35 @@ async def test_supervisor_kill_9_mid_stream_then_resume(make_supervisor):
         await wait_until(lambda: received[-1] >= expected[-1], 30)
         assert received == expected
         await conn.close()
+
+
+async def test_a_recreated_log_is_reported_not_skipped(make_supervisor):
+    sup = make_supervisor()
+    async with Client(sup.url) as client:
+        conn = await client.connect("vm", "epochs")
+        received: list[dict] = []
+        conn.on("sessionEvent", received.append)
+        sid = (await client.action("vm", "epochs", "createSession", "local", {}))["sessionId"]
+        await client.action("vm", "epochs", "sendPrompt", sid, "chunks: 20")
+        await wait_until(lambda: len(received) >= 21, 10)
+        old_epoch = received[-1]["epoch"]
+        await conn.close()
+        sup.stop()
+        # An operator wipes the actor's event log: a new log, a new epoch, seq from 1.
+        for path in (sup.state_dir / "actors").glob("*/events.db*"):
+            path.unlink()
+        sup.start()
+    async with Client(sup.url) as client:
+        sid = (await client.action("vm", "epochs", "createSession", "local", {}))["sessionId"]
+        await client.action("vm", "epochs", "sendPrompt", sid, "hello again")
+        conn2 = await client.connect("vm", "epochs", reconnect=False)
+        conn2.cursors["sessionEvent"], conn2.epoch = received[-1]["seq"], old_epoch
+        fresh: list[dict] = []
+        conn2.on("sessionEvent", fresh.append)
+        await wait_until(lambda: conn2.errors and fresh, 10)
+        assert conn2.errors[0].code.value == "actor.epoch_changed"
+        new_log = await client.action("vm", "epochs", "replayEvents", {"names": ["sessionEvent"]})
+        await wait_until(lambda: len(fresh) >= len(new_log["events"]), 10)
+        assert [e["seq"] for e in fresh] == [e["seq"] for e in new_log["events"]]
+        assert new_log["epoch"] != old_epoch and fresh[0]["epoch"] == new_log["epoch"]
+        await conn2.close()
