@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NPM_STAMP := tests/node_modules/.installed-stamp
 
-.PHONY: run test demo bench typecheck sandbox-deps clean
+.PHONY: run test demo bench typecheck sandbox-deps ops-deps test-systemd clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ sandbox-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap; }
 
+# The operations tests drive `actorvisor top` in tmux and check the unit with systemd-analyze.
+ops-deps:
+	@command -v tmux >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "installing tmux and systemd (for systemd-analyze)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq tmux systemd; }
+
 $(NPM_STAMP): tests/package.json tests/package-lock.json
 	cd tests && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NPM_STAMP)
@@ -27,7 +34,7 @@ $(NPM_STAMP): tests/package.json tests/package-lock.json
 run: $(STAMP) sandbox-deps
 	$(BIN)/actorvisor run $(ARGS)
 
-test: $(STAMP) sandbox-deps $(NPM_STAMP)
+test: $(STAMP) sandbox-deps ops-deps $(NPM_STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -36,6 +43,11 @@ demo: $(STAMP)
 
 bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/conn_setup.py
+
+# Opt-in, not part of `make test`: boots a Debian tree under systemd-nspawn with the unit
+# from deploy/ and serves the quickstart through it. Needs root; see deploy/README.md.
+test-systemd: $(STAMP) $(NPM_STAMP)
+	deploy/test-systemd.sh
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import faulthandler
 import json
 import os
 import sys
@@ -70,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     configure(config.log_level)
+    # systemd's watchdog sends SIGABRT to a hung service: print every thread's stack first.
+    faulthandler.enable()
     return asyncio.run(Supervisor(config).run())
 
 

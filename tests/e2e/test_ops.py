@@ -331,3 +331,37 @@ def test_logs_on_a_terminal_are_for_people(tmp_state):
     assert "supervisor_listening" in text, text
     assert "\x1b[" in text  # colours
     assert not any(line.lstrip().startswith("{") for line in text.splitlines())
+
+
+# ---- the systemd unit ----------------------------------------------------------------
+
+
+def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path):
+    """`systemd-analyze verify`, silent: it exits 0 even on unknown keys, so warnings count too.
+
+    Verified against a scratch root holding the unit, the distribution's units it refers
+    to, and a stand-in for the installed executable (verify checks that it exists).
+    """
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (make test installs the systemd package)"
+    unit = ROOT / "deploy" / "actorvisor.service"
+    exec_start = next(line.split("=", 1)[1].split()[0] for line in unit.read_text().splitlines()
+                      if line.startswith("ExecStart="))
+    system_units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+                        if p.is_dir())
+    shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(unit, tmp_path / "etc/systemd/system/actorvisor.service")
+    stand_in = tmp_path / exec_start.lstrip("/")
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    result = subprocess.run([analyze, "verify", f"--root={tmp_path}",
+                             "/etc/systemd/system/actorvisor.service"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout and not result.stderr, result
+    for expected in ("Type=notify", "KillMode=mixed", "Restart=on-failure", "NoNewPrivileges=yes",
+                     "ProtectSystem=strict", "PrivateTmp=yes", "ProtectHome=yes",
+                     "RuntimeDirectory=actorvisor", "StateDirectory=actorvisor"):
+        assert expected in unit.read_text().splitlines(), expected
+
