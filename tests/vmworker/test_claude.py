@@ -164,6 +164,7 @@ async def test_multi_step_tool_turn(actor: InProcessActor, fake: FakeAnthropic) 
     assert fake.requests[3].messages == [*third.messages,
                                          assistant("The file says: hello from claude"),
                                          user("thanks")]
+    assert await actor.call("closeSession", sid) is None
 
 
 async def test_thinking_streams_as_thoughts_and_stays_in_the_tool_loop(

@@ -1,0 +1,157 @@
+"""The claude agent end to end: a real supervisor and real workers, the real SDK, and the
+fake Anthropic API (tests/fakes/anthropic_api.py) as the only stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from protocol.aio import Client
+from protocol.errors import ActorvisorError, ErrorCode
+from tests.conftest import ROOT
+from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAnthropic]:
+    server = await FakeAnthropic(f"sk-test-{secrets.token_hex(12)}").start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def api_env(fake: FakeAnthropic, **extra: str) -> dict[str, str]:
+    return {"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": fake.api_key, **extra}
+
+
+async def wait_for(check, timeout: float = 20.0):
+    async with asyncio.timeout(timeout):
+        while not (value := check()):
+            await asyncio.sleep(0.02)
+    return value
+
+
+def text(role: str, *parts: str) -> dict:
+    return {"role": role, "content": [{"type": "text", "text": p} for p in parts]}
+
+
+async def replay_all(conn) -> list[dict]:
+    events, after = [], 0
+    while True:
+        page = await conn.call("replayEvents", {"after": after})
+        events.extend(page["events"])
+        after = page["nextCursor"]
+        if not page["hasMore"]:
+            return events
+
+
+async def test_conversation_survives_a_killed_worker(make_supervisor, fake: FakeAnthropic):
+    sup = make_supervisor(env=api_env(fake))
+    async with Client(sup.url) as client:
+        conn = await client.connect("vm", "claude-kill", reconnect=False)
+        shutdowns: list[dict] = []
+        conn.on("vmShutdown", shutdowns.append)
+        sid = (await conn.call("createSession", "claude", {}))["sessionId"]
+        fake.script(Reply(Text("I will remember: zebra.")))
+        first = await conn.call("sendPrompt", sid, "Remember the word zebra.")
+        assert first == {"text": "I will remember: zebra.", "stopReason": "end_turn"}
+
+        pid = (await conn.call("getRuntimeHealth"))["pid"]
+        os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: [s for s in shutdowns if s["reason"] == "crash"])
+
+        fake.script(Reply(Text("The word was zebra.")))
+        second = await conn.call("sendPrompt", sid, "Which word?")
+        assert second == {"text": "The word was zebra.", "stopReason": "end_turn"}
+        assert (await conn.call("getRuntimeHealth"))["pid"] != pid
+        assert fake.requests[1].messages == [
+            text("user", "Remember the word zebra."),
+            text("assistant", "I will remember: zebra."),
+            text("user", "Which word?"),
+        ]
+        await conn.close()
+
+
+async def test_no_api_key_in_any_log_event_or_file(make_supervisor, fake: FakeAnthropic):
+    env_key = fake.api_key
+    session_key = f"sk-test-{secrets.token_hex(12)}"
+    # Debug everywhere, the SDK's own request logging included: the most a log can say.
+    sup = make_supervisor(env=api_env(fake, ACTORVISOR_LOG_LEVEL="debug", ANTHROPIC_LOG="debug"))
+    async with Client(sup.url) as client:
+        conn = await client.connect("vm", "claude-secrets", reconnect=False)
+        shutdowns: list[dict] = []
+        conn.on("vmShutdown", shutdowns.append)
+        with_key = (await conn.call("createSession", "claude", {
+            "env": {"ANTHROPIC_API_KEY": session_key}, "permissionPolicy": "allow_all"}))["sessionId"]
+        # The model tries hard to see the key from inside the VM.
+        fake.api_key = session_key
+        fake.script(Reply(ToolUse("toolu_env", "bash", {"command": "env; echo $ANTHROPIC_API_KEY"})),
+                    Reply(Text("Nothing to see.")))
+        await conn.call("sendPrompt", with_key, "print your environment")
+        seen_in_vm = fake.requests[1].messages[-1]["content"][0]["content"]
+        assert "PATH=" in seen_in_vm and "ANTHROPIC_API_KEY" not in seen_in_vm
+        # A session on the supervisor's key, refused: the error path logs too.
+        from_env = (await conn.call("createSession", "claude", {}))["sessionId"]
+        with pytest.raises(ActorvisorError) as info:
+            await conn.call("sendPrompt", from_env, "hello")
+        assert info.value.code is ErrorCode.AGENT_ERROR and "401" in info.value.message
+        # A crash and a restart: the session given a key goes on with the supervisor's.
+        pid = (await conn.call("getRuntimeHealth"))["pid"]
+        os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: shutdowns)
+        fake.api_key = env_key
+        fake.script(Reply(Text("Still here.")))
+        assert (await conn.call("sendPrompt", with_key, "still there?"))["text"] == "Still here."
+        events = await replay_all(conn)
+        await conn.close()
+    assert sup.stop() == 0
+
+    used = [r.headers.get("authorization", "") + r.headers.get("x-api-key", "")
+            for r in fake.requests]
+    assert session_key in used[0] and env_key in used[-1]  # both keys really were in play
+    logs = sup.logs()
+    assert "worker_started" in logs and "agent" in logs  # worker lines are in there
+    for key in (env_key, session_key):
+        assert key not in logs
+        assert key not in json.dumps(events)
+        for path in sup.state_dir.rglob("*"):
+            if stat.S_ISREG(path.lstat().st_mode):
+                assert key.encode() not in path.read_bytes(), path
+
+
+async def run_demo(sup, env: dict[str, str]) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "supervisor.cli", "demo", "--url", sup.url, "--agent", "claude",
+        "--actor", "demo-claude", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def test_demo_with_and_without_a_key(make_supervisor, fake: FakeAnthropic):
+    sup = make_supervisor(env=api_env(fake))
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    code, out = await run_demo(sup, plain)
+    assert code == 2 and "ANTHROPIC_API_KEY" in out
+    assert fake.requests == []
+
+    fake.script(Reply(Text("Hello from the model.")))
+    code, out = await run_demo(sup, {**plain, **api_env(fake)})
+    assert code == 0, out
+    assert "Hello from the model." in out and "[turn ended: end_turn]" in out
+    assert len(fake.requests) == 1
