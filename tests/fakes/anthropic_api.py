@@ -9,7 +9,7 @@ agent makes, and speaks the wire format the real API does: the `message_start`,
 The real, unpatched SDK talks to it through `ANTHROPIC_BASE_URL` / `base_url`.
 
 A test scripts the responses, in order: `Reply` (a streamed message built from `Text`,
-`Thinking`, `ToolUse` and `Hold` steps), `Fail` (an HTTP error status), `Drop` (the
+`Thinking`, `ToolUse`, `Hold` and `Cut` steps), `Fail` (an HTTP error status), `Drop` (the
 connection closes without a response), `StreamError` (an `error` event mid-stream), or
 a callable that picks one from the request. Every request is recorded — headers, parsed
 body, and how it ended — in `requests`. Like the real API it answers 401 to a wrong key
@@ -59,7 +59,12 @@ class Hold:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-Step = Union[Text, Thinking, ToolUse, Hold]
+@dataclass(frozen=True)
+class Cut:
+    """Close the connection here, mid-stream, as a network failure would."""
+
+
+Step = Union[Text, Thinking, ToolUse, Hold, Cut]
 
 
 @dataclass(frozen=True)
@@ -118,11 +123,11 @@ def _split(text: str, pieces: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
-def _events(steps: tuple[Step, ...]) -> Iterator[tuple[str, dict[str, Any]] | Hold]:
-    """SSE events for content blocks; `Hold` steps pass through as pauses."""
+def _events(steps: tuple[Step, ...]) -> Iterator[tuple[str, dict[str, Any]] | Hold | Cut]:
+    """SSE events for content blocks; `Hold` and `Cut` steps pass through."""
     index = 0
     for step in steps:
-        if isinstance(step, Hold):
+        if isinstance(step, Hold | Cut):
             yield step
             continue
         if isinstance(step, Text):
@@ -340,6 +345,11 @@ class FakeAnthropic:
             for item in _events(steps):
                 if isinstance(item, Hold):
                     await item.release.wait()
+                elif isinstance(item, Cut):
+                    assert request.transport is not None
+                    request.transport.abort()
+                    await self._record(rec, "cut")
+                    return resp
                 else:
                     await send(*item)
             if error is not None:

@@ -13,6 +13,7 @@ import pytest
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.worker import WorkerEvent
 from tests.fakes.anthropic_api import (
+    Cut,
     Drop,
     Fail,
     FakeAnthropic,
@@ -350,6 +351,12 @@ async def test_error_mid_stream_and_max_tokens(actor: InProcessActor, fake: Fake
     with pytest.raises(ActorvisorError) as info:
         await actor.call("sendPrompt", sid, "hi")
     assert "stream failed mid-response: overloaded_error: Overloaded" in info.value.message
+    fake.script(Reply(Text("Par", pieces=1), Cut(), Text("t two")))
+    with pytest.raises(ActorvisorError) as info:
+        await actor.call("sendPrompt", sid, "again")
+    assert info.value.code is ErrorCode.AGENT_ERROR
+    assert "connection to the Anthropic API broke mid-response: RemoteProtocolError" in info.value.message
+    assert len(fake.requests) == 2  # a response that had begun is not retried
 
     # A tool call cut off by max_tokens is answered as not run, so the history stays valid.
     fake.script(Reply(Text("Let me"), ToolUse("toolu_x", "bash", {"command": "true"}),
@@ -360,7 +367,7 @@ async def test_error_mid_stream_and_max_tokens(actor: InProcessActor, fake: Fake
     assert updates(actor, sid)[-1]["status"] == "failed"
     await actor.call("sendPrompt", sid, "go on")
     assert fake.requests[-1].messages == [
-        user("hi"), assistant("Hel"), user("more"),
+        user("hi"), assistant("Hel"), user("again"), assistant("Par"), user("more"),
         assistant("Let me", tool_use("toolu_x", "bash", {"command": "true"})),
         user(result("toolu_x", "Not run: the response ended with max_tokens before the tools ran.",
                     True), "go on"),

@@ -12,8 +12,9 @@ model reads and works around.
 Cancelling the turn's task aborts the HTTP stream or the running tool (the sandbox kills
 its processes) and fails every announced call that has no result yet, so the log always
 pairs each `tool_use` with a `tool_result`. API failures go through the SDK's retries
-(429, 5xx, 529 overloaded, dropped connections, with backoff and `retry-after`), then end
-the turn with a notice in the session (an `agent_message_chunk` marked
+(429, 5xx, 529 overloaded, dropped connections, with backoff and `retry-after`); those
+and failures once a response has begun (an `error` event, a connection cut mid-stream,
+which nobody retries: its text is already out) end the turn with a notice in the session (an `agent_message_chunk` marked
 `_meta.actorvisor.error`, left out of the rebuilt history) and an `actor.agent_error`.
 
 The API key comes from the session's `env` or the worker's environment; it is handed to
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import anthropic
+import httpx2
 from anthropic import AsyncAnthropic
 from anthropic.lib.streaming import ParsedContentBlockStopEvent
 from anthropic.types import (
@@ -155,10 +157,16 @@ class ClaudeConfig:
         )
 
 
-def describe_api_error(exc: anthropic.APIError, config: ClaudeConfig) -> str:
+ApiFailure = anthropic.APIError | httpx2.TransportError
+"""What a request can fail with: the SDK's errors, or the transport's once streaming."""
+
+
+def describe_api_error(exc: ApiFailure, config: ClaudeConfig) -> str:
     """A message a person can act on; built from the status and the API's own message,
     never from request data."""
     retried = f" (gave up after {config.max_retries} retries)" if config.max_retries else ""
+    if isinstance(exc, httpx2.TransportError):
+        return f"the connection to the Anthropic API broke mid-response: {type(exc).__name__}: {exc}"
     if isinstance(exc, anthropic.APIConnectionError):
         cause = exc.__cause__
         reason = f": {type(cause).__name__}: {cause}" if cause is not None else ""
@@ -254,7 +262,7 @@ class ClaudeAgent(Agent):
         except asyncio.CancelledError:
             await calls.fail_all(turn, "Cancelled before it finished.")
             raise
-        except anthropic.APIError as exc:
+        except (anthropic.APIError, httpx2.TransportError) as exc:
             message = describe_api_error(exc, self._config)
             await calls.fail_all(turn, f"Not run: {message}.")
             await turn.emit({**chunk(UpdateKind.AGENT_MESSAGE_CHUNK, f"[error] {message}"),
@@ -353,7 +361,7 @@ def _input(use: ToolUseBlock) -> dict[str, Any]:
     return dict(use.input) if isinstance(use.input, dict) else {}
 
 
-def _error_meta(exc: anthropic.APIError) -> dict[str, Any]:
+def _error_meta(exc: ApiFailure) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": type(exc).__name__}
     if isinstance(exc, anthropic.APIStatusError):
         out.update(status=exc.status_code, type=exc.type, requestId=exc.request_id)
