@@ -137,14 +137,21 @@ class Connection:
     async def open(self) -> None:
         url = self._client.gateway_url(self.name, self.key, "connect")
         protocols = ("rivet", f"rivet_encoding.{self._client.encoding.value}")
-        self._ws = await self._client.session.ws_connect(url, protocols=protocols,
-                                                         max_msg_size=64 << 20)
+        ws = await self._client.session.ws_connect(url, protocols=protocols, max_msg_size=64 << 20)
+        self._ws = ws
         self._ready.clear()
         self._outbox = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read_loop(self._ws), name="actorvisor-client-reader")
-        self._writer = asyncio.create_task(self._write_loop(self._ws, self._outbox),
+        reader = self._reader = asyncio.create_task(self._read_loop(ws), name="actorvisor-client-reader")
+        self._writer = asyncio.create_task(self._write_loop(ws, self._outbox),
                                            name="actorvisor-client-writer")
-        await asyncio.wait_for(self._ready.wait(), timeout=30.0)
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            await asyncio.wait({ready, reader}, timeout=30.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._ready.is_set() or ws is not self._ws:
+            await ws.close()
+            raise ConnectionError("the connection closed before the server's Init")
         for event_name in self._handlers:
             self._send_subscription(event_name, True)
 
@@ -255,7 +262,8 @@ class Connection:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(lost)
-        if self.reconnect and not self._closed:
+        # One reconnect loop at a time: a drop while it is still opening is its to retry.
+        if self.reconnect and not self._closed and (self._reconnector is None or self._reconnector.done()):
             self._reconnector = asyncio.create_task(self._reconnect(), name="actorvisor-client-reconnect")
 
     async def _reconnect(self) -> None:
@@ -265,7 +273,7 @@ class Connection:
                 await self.open()
                 self.reconnects += 1
                 return
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
