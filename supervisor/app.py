@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 from aiohttp import WSCloseCode, web
 
@@ -61,15 +62,6 @@ def session_counts(db_paths: list[Path]) -> list[tuple[int, int] | None]:
     return counts
 
 
-def pid_namespace() -> str:
-    """Names this host's pid namespace, so a dashboard can tell whether our pids are its pids."""
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot_id}:{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return ""
-
-
 class Supervisor:
     def __init__(self, config: Config, spawner: Spawner | None = None,
                  notifier: Notifier | None = None) -> None:
@@ -94,6 +86,9 @@ class Supervisor:
         self._status = ""
         self.port: int = config.port
         self.started_at = time.time()
+        # With the pid, names this process: a dashboard whose psutil finds the same pid with
+        # the same start time shares our pid namespace, so our pids are its pids.
+        self.process_created = psutil.Process().create_time()
         self.loop_lag = 0.0
         self._last_tick = time.monotonic()
 
@@ -245,7 +240,7 @@ class Supervisor:
                 "version": __version__,
                 "pid": os.getpid(),
                 "zygotePid": getattr(self.spawner, "zygote_pid", None),
-                "pidNamespace": pid_namespace(),
+                "createTime": self.process_created,
                 "listen": f"{self.config.host}:{self.port}",
                 "startedAt": self.started_at,
                 "uptimeMs": int((time.time() - self.started_at) * 1000),

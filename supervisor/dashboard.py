@@ -32,8 +32,6 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .app import pid_namespace
-
 JSON = dict[str, Any]
 
 FAILED, HUNG, SLOW = "FAILED", "HUNG", "SLOW"
@@ -45,6 +43,16 @@ def fetch_admin(url: str, timeout: float = 5.0) -> JSON:
     with urllib.request.urlopen(f"{url.rstrip('/')}/admin/workers", timeout=timeout) as resp:
         body: JSON = json.loads(resp.read())
     return body
+
+
+def same_process(pid: int | None, create_time: float | None) -> bool:
+    """Whether `pid` here is the supervisor's own process (same pid namespace, same host)."""
+    if not pid or create_time is None:
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.01
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 class Sampler:
@@ -138,13 +146,12 @@ class Top:
         self.url = url
         self.sampler = Sampler()
         self._previous: tuple[float, dict[str, int], int] | None = None
-        self._local_ns = pid_namespace()
 
     def snapshot(self) -> JSON:
         admin = fetch_admin(self.url)
         now = time.monotonic()
         sup = admin["supervisor"]
-        local = bool(sup.get("pidNamespace")) and sup.get("pidNamespace") == self._local_ns
+        local = same_process(sup.get("pid"), sup.get("createTime"))
         seen: set[int] = set()
         if local:
             sup["process"] = self.sampler.sample(sup.get("pid"))
