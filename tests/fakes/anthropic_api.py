@@ -14,7 +14,7 @@ connection closes without a response), `StreamError` (an `error` event mid-strea
 a callable that picks one from the request. Every request is recorded — headers, parsed
 body, and how it ended — in `requests`. Like the real API it answers 401 to a wrong key
 and 400 to a conversation the API would reject (a `tool_use` without its `tool_result`
-right after it, empty text blocks, ...), so a test cannot pass with an invalid history.
+right after it, empty text blocks, a tool loop without its thinking block, ...), so a test cannot pass with an invalid history.
 An unscripted request gets a 400 that says so.
 """
 
@@ -163,8 +163,9 @@ def _error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
-def conversation_problem(messages: object) -> str | None:
-    """What the real API would reject in `messages` (None when it is valid)."""
+def conversation_problem(messages: object, thinking: bool = False) -> str | None:
+    """What the real API would reject in `messages` (None when it is valid); `thinking`:
+    the request enables thinking."""
     if not isinstance(messages, list) or not messages:
         return "messages: at least one message is required"
     if messages[0].get("role") != "user":
@@ -203,6 +204,18 @@ def conversation_problem(messages: object) -> str | None:
     if pending:
         return (f"messages.{len(messages) - 1}: `tool_use` ids were found without `tool_result` "
                 f"blocks immediately after: {', '.join(pending)}.")
+    if thinking:
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is not None:
+            content = messages[last]["content"]
+            blocks = content if isinstance(content, list) else []
+            if (any(b.get("type") == "tool_use" for b in blocks)
+                    and blocks[0].get("type") not in ("thinking", "redacted_thinking")):
+                return (f"messages.{last}.content.0.type: Expected `thinking` or "
+                        f"`redacted_thinking`, but found `{blocks[0].get('type')}`. When "
+                        "`thinking` is enabled, a final `assistant` message must start with a "
+                        "thinking block (preceeding the lastmost set of `tool_use` and "
+                        "`tool_result` blocks).")
     return None
 
 
@@ -314,7 +327,9 @@ class FakeAnthropic:
             return "max_tokens: Field required"
         if body.get("stream") is not True:
             return "fake: only streaming requests are scripted"
-        return conversation_problem(body.get("messages"))
+        thinking = body.get("thinking")
+        enabled = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+        return conversation_problem(body.get("messages"), enabled)
 
     async def _fail(self, rec: Recorded, fail: Fail) -> web.Response:
         headers = {"request-id": f"req_fake_{rec.index}"}

@@ -192,11 +192,28 @@ async def test_thinking_streams_as_thoughts_and_stays_in_the_tool_loop(
         {"type": "thinking", "thinking": "The user wants hi.", "signature": "sig-1"},
         "Running it.", tool_use("toolu_1", "bash", {"command": "echo hi"}))
 
+    # The log keeps each block's signature: the next turn sends the same blocks back.
+    assert seen[2]["_meta"] == {"actorvisor": {"signature": "sig-1"}}
+    fake.script(Reply(Thinking("Short.", signature="sig-2"),
+                      ToolUse("toolu_2", "bash", {"command": "sleep 60"})))
+    turn = asyncio.create_task(actor.call("sendPrompt", sid, "now sleep"))
+    await wait_until(actor, lambda: updates(actor, sid)[-1].get("status") == "in_progress")
+    await actor.call("cancelPrompt", sid)
+    await turn
+    fake.script(Reply(Text("ok")))
+    await actor.call("sendPrompt", sid, "stop")
+    assert fake.requests[3].messages == [
+        *second.messages, assistant("It printed hi."), user("now sleep"),
+        assistant({"type": "thinking", "thinking": "Short.", "signature": "sig-2"},
+                  tool_use("toolu_2", "bash", {"command": "sleep 60"})),
+        user(result("toolu_2", "Cancelled before it finished.", True), "stop"),
+    ]
+
     budget = await claude_session(actor, fake, thinkingBudget=2048)
     fake.script(Reply(Text("ok")))
     await actor.call("sendPrompt", budget, "hm")
-    assert fake.requests[2].body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
-    assert fake.requests[2].body["max_tokens"] == DEFAULT_MAX_TOKENS + 2048
+    assert fake.requests[4].body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert fake.requests[4].body["max_tokens"] == DEFAULT_MAX_TOKENS + 2048
 
 
 async def test_cancel_mid_stream_aborts_the_request_and_keeps_the_session(
@@ -461,7 +478,9 @@ def test_rebuild_always_yields_a_conversation_the_api_accepts() -> None:
 
     log = [
         chunk("user_message_chunk", "one"),
-        chunk("agent_thought_chunk", "hmm"),
+        chunk("agent_thought_chunk", "hm"),
+        chunk("agent_thought_chunk", "m", _meta={"actorvisor": {"signature": "s1"}}),
+        chunk("agent_thought_chunk", "", _meta={"actorvisor": {"redactedThinking": "r1"}}),
         chunk("agent_message_chunk", "A"), chunk("agent_message_chunk", "B"),
         call("t1", "bash"), call("t2", "bash"),
         {"sessionUpdate": "tool_call_update", "toolCallId": "t1", "status": "in_progress"},
@@ -469,6 +488,7 @@ def test_rebuild_always_yields_a_conversation_the_api_accepts() -> None:
         chunk("agent_message_chunk", "   "),
         call("t3", "bash"),                     # the worker died while this ran
         chunk("user_message_chunk", "two"),
+        chunk("agent_thought_chunk", "cut off mid-thought"),   # never signed: left out
         chunk("agent_message_chunk", "[error] boom", _meta={"actorvisor": {"error": {}}}),
         chunk("user_message_chunk", "   "),
         call("local-call", None),               # not ours: nothing to pair it with
@@ -477,7 +497,9 @@ def test_rebuild_always_yields_a_conversation_the_api_accepts() -> None:
     messages = rebuild(log)
     assert messages == [
         user("one"),
-        assistant("AB", tool_use("t1", "bash", {"command": "t1"}),
+        assistant({"type": "thinking", "thinking": "hmm", "signature": "s1"},
+                  {"type": "redacted_thinking", "data": "r1"},
+                  "AB", tool_use("t1", "bash", {"command": "t1"}),
                   tool_use("t2", "bash", {"command": "t2"})),
         user(result("t1", "out1"), result("t2", "bad", True)),
         assistant(tool_use("t3", "bash", {"command": "t3"})),

@@ -3,7 +3,8 @@
 Each turn rebuilds the conversation from the session's event log (`history.rebuild`),
 adds the prompt, and streams requests through the official SDK's async client until the
 model ends its turn: text deltas become `agent_message_chunk`, thinking deltas
-`agent_thought_chunk`, each `tool_use` a `tool_call` (pending, announced as soon as its
+`agent_thought_chunk` (a block's last one carrying its signature, which the API needs to
+continue a tool loop), each `tool_use` a `tool_call` (pending, announced as soon as its
 input is complete) that runs in the VM (`tools`) after the response, going `in_progress`
 then `completed`/`failed`. With the `ask` policy every call first waits for
 `respondPermission`; a rejection or an unanswered request becomes an error result the
@@ -201,6 +202,28 @@ class _Response:
     stop_reason: str | None
 
 
+class _Thoughts:
+    """Streams one thinking block's deltas one step behind, so that the last one can
+    carry what the block ends with (its signature) for the history rebuild."""
+
+    def __init__(self) -> None:
+        self._held: str | None = None
+
+    async def add(self, turn: Turn, text: str) -> None:
+        if self._held is not None:
+            await turn.emit(chunk(UpdateKind.AGENT_THOUGHT_CHUNK, self._held))
+        self._held = text
+
+    async def close(self, turn: Turn, ending: dict[str, Any] | None) -> None:
+        """End the block; `ending` None means it was cut off (nothing to sign it with)."""
+        held, self._held = self._held, None
+        if ending is not None:
+            await turn.emit({**chunk(UpdateKind.AGENT_THOUGHT_CHUNK, held or ""),
+                             "_meta": {META: ending}})
+        elif held is not None:
+            await turn.emit(chunk(UpdateKind.AGENT_THOUGHT_CHUNK, held))
+
+
 class _OpenCalls:
     """Tool calls announced in this turn that have no final update yet."""
 
@@ -275,25 +298,34 @@ class ClaudeAgent(Agent):
         extra: dict[str, Any] = {}
         if cfg.thinking is not None:
             extra["thinking"] = cfg.thinking
-        async with self._api().messages.stream(
-            model=cfg.model,
-            max_tokens=cfg.max_tokens,
-            system=cfg.system_prompt,
-            messages=cast("list[MessageParam]", messages),
-            tools=cast(Any, tools.definitions()),
-            **extra,
-        ) as stream:
-            async for event in stream:
-                if isinstance(event, RawContentBlockDeltaEvent):
-                    if isinstance(event.delta, TextDelta) and event.delta.text:
-                        await turn.emit(chunk(UpdateKind.AGENT_MESSAGE_CHUNK, event.delta.text))
-                    elif isinstance(event.delta, ThinkingDelta) and event.delta.thinking:
-                        await turn.emit(chunk(UpdateKind.AGENT_THOUGHT_CHUNK, event.delta.thinking))
-                elif (isinstance(event, ParsedContentBlockStopEvent)
-                      and isinstance(event.content_block, ToolUseBlock)):
-                    await self._announce(turn, event.content_block)
-                    calls.add(event.content_block.id)
-            final = await stream.get_final_message()
+        thoughts = _Thoughts()
+        try:
+            async with self._api().messages.stream(
+                model=cfg.model,
+                max_tokens=cfg.max_tokens,
+                system=cfg.system_prompt,
+                messages=cast("list[MessageParam]", messages),
+                tools=cast(Any, tools.definitions()),
+                **extra,
+            ) as stream:
+                async for event in stream:
+                    if isinstance(event, RawContentBlockDeltaEvent):
+                        if isinstance(event.delta, TextDelta) and event.delta.text:
+                            await turn.emit(chunk(UpdateKind.AGENT_MESSAGE_CHUNK, event.delta.text))
+                        elif isinstance(event.delta, ThinkingDelta) and event.delta.thinking:
+                            await thoughts.add(turn, event.delta.thinking)
+                    elif isinstance(event, ParsedContentBlockStopEvent):
+                        block = event.content_block
+                        if isinstance(block, ToolUseBlock):
+                            await self._announce(turn, block)
+                            calls.add(block.id)
+                        elif isinstance(block, ThinkingBlock):
+                            await thoughts.close(turn, {"signature": block.signature})
+                        elif isinstance(block, RedactedThinkingBlock):
+                            await thoughts.close(turn, {"redactedThinking": block.data})
+                final = await stream.get_final_message()
+        finally:
+            await thoughts.close(turn, None)
         content: list[dict[str, Any]] = []
         uses: list[ToolUseBlock] = []
         for block in final.content:
