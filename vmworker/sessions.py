@@ -3,8 +3,10 @@
 Owns the session table (mirrored to the log's `sessions` table through the outbox), the
 one-turn-per-session rule, turn cancellation, and the `Turn` that agents act through:
 every update an agent emits becomes a `sessionEvent` via `Outbox.append`, so it is
-sequenced and committed before anyone sees it. It never writes to the socket or SQLite
-directly and never touches host paths (the VM is reached only through `Vm`).
+sequenced and committed before anyone sees it; `SessionLog` reads a session's past
+updates back, for agents that rebuild their conversation from the log. It never writes to
+the socket or SQLite directly and never touches host paths (the VM is reached only
+through `Vm`).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class SessionTurn:
         self._outbox = outbox
         self._vm = vm
         self._log = log
-        self.first_seq: int | None = None
+        self.first_seq: int | None = None  # of the turn's first update: its prompt
         self.text_parts: list[str] = []
         self.task: asyncio.Task[StopReason] | None = None
         self.cancel_requested = False

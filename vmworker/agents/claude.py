@@ -250,10 +250,6 @@ class ClaudeAgent(Agent):
         self._client: AsyncAnthropic | None = None
         self._always_allowed: set[str] = set()
 
-    @property
-    def config(self) -> ClaudeConfig:
-        return self._config
-
     def _api(self) -> AsyncAnthropic:
         if self._client is None:
             cfg = self._config
@@ -317,7 +313,7 @@ class ClaudeAgent(Agent):
                     elif isinstance(event, ParsedContentBlockStopEvent):
                         block = event.content_block
                         if isinstance(block, ToolUseBlock):
-                            await self._announce(turn, block)
+                            await turn.emit(self._tool_call(turn, block))
                             calls.add(block.id)
                         elif isinstance(block, ThinkingBlock):
                             await thoughts.close(turn, {"signature": block.signature})
@@ -351,9 +347,6 @@ class ClaudeAgent(Agent):
             update["locations"] = locations
         update["_meta"] = {META: {"toolName": use.name}}
         return update
-
-    async def _announce(self, turn: Turn, use: ToolUseBlock) -> None:
-        await turn.emit(self._tool_call(turn, use))
 
     async def _run_tool(self, turn: Turn, use: ToolUseBlock, calls: _OpenCalls) -> dict[str, Any]:
         refusal = await self._permission(turn, use)
