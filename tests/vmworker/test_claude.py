@@ -243,7 +243,8 @@ async def test_cancel_kills_the_running_tool_and_answers_its_call(
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
     assert (await asyncio.wait_for(turn, 10))["stopReason"] == "cancelled"  # type: ignore[index]
     await settle(actor)
-    assert [p for p in psutil.Process().children(recursive=True) if p.name() == "sleep"] == []
+    await wait_until(actor, lambda: not [p for p in psutil.Process().children(recursive=True)
+                                         if p.name() == "sleep"])
     last = updates(actor, sid)[-1]
     assert last["status"] == "failed" and last["toolCallId"] == "toolu_s"
     assert last["content"][0]["content"]["text"] == "Cancelled before it finished."
