@@ -232,19 +232,29 @@ async def test_cancel_mid_stream_aborts_the_request_and_keeps_the_session(
     assert fake.requests[1].messages == [user("go"), assistant("Partial answer"), user("again")]
 
 
+def sleeping() -> list[int]:
+    """Our `sleep` processes (sandboxed commands are descendants of this process)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.name() == "sleep":
+                found.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 async def test_cancel_kills_the_running_tool_and_answers_its_call(
         actor: InProcessActor, fake: FakeAnthropic) -> None:
     sid = await claude_session(actor, fake)
     fake.script(Reply(ToolUse("toolu_s", "bash", {"command": "sleep 60"})))
     turn = asyncio.create_task(actor.call("sendPrompt", sid, "wait a minute"))
     await wait_until(actor, lambda: any(u.get("status") == "in_progress" for u in updates(actor, sid)))
-    await wait_until(actor, lambda: [p for p in psutil.Process().children(recursive=True)
-                                     if p.name() == "sleep"])
+    await wait_until(actor, sleeping)
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
     assert (await asyncio.wait_for(turn, 10))["stopReason"] == "cancelled"  # type: ignore[index]
     await settle(actor)
-    await wait_until(actor, lambda: not [p for p in psutil.Process().children(recursive=True)
-                                         if p.name() == "sleep"])
+    await wait_until(actor, lambda: not sleeping())
     last = updates(actor, sid)[-1]
     assert last["status"] == "failed" and last["toolCallId"] == "toolu_s"
     assert last["content"][0]["content"]["text"] == "Cancelled before it finished."
