@@ -82,9 +82,11 @@ class Sampler:
                     "status": proc.status(),
                     "cpuPercent": round(proc.cpu_percent(None), 1),
                     "threads": proc.num_threads(),
-                    "openFiles": proc.num_fds(),
+                    "rssBytes": proc.memory_info().rss,
+                    # These read /proc files only the process's user (or root) may read.
+                    "ussBytes": _allowed(lambda: proc.memory_full_info().uss),
+                    "openFiles": _allowed(proc.num_fds),
                 }
-                figures.update(_memory(proc))
             if with_tree:
                 figures.update(self._tree(proc))
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -113,12 +115,11 @@ class Sampler:
                 del self._procs[pid]
 
 
-def _memory(proc: psutil.Process) -> JSON:
+def _allowed(read: Callable[[], int]) -> int | None:
     try:
-        full = proc.memory_full_info()
-        return {"rssBytes": full.rss, "ussBytes": full.uss}
+        return read()
     except psutil.AccessDenied:
-        return {"rssBytes": proc.memory_info().rss, "ussBytes": None}
+        return None
 
 
 def flags_of(actor: JSON, sup: JSON) -> list[str]:
@@ -234,7 +235,7 @@ COLUMNS = [
     Column("key", "KEY", lambda a: a["key"], str, numeric=False),
     Column("state", "STATE", lambda a: STATE_ORDER.get(a["state"], 9), str, numeric=False),
     Column("pid", "PID", lambda a: a.get("pid"), _num),
-    Column("up", "UP", lambda a: a.get("uptimeMs"), human_duration_ms),
+    Column("up", "UP", lambda a: a.get("uptimeMs") if a.get("pid") else None, human_duration_ms),
     Column("cpu", "CPU%", _cpu_total, lambda v: "-" if v is None else f"{v:.1f}"),
     Column("rss", "RSS", _proc("rssBytes"), human_bytes),
     Column("uss", "USS", _proc("ussBytes"), human_bytes),
