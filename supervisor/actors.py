@@ -26,7 +26,7 @@ import signal
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -316,8 +316,15 @@ class ActorManager:
         actor.hello = False
         actor.phase = None
         if actor.state is ActorState.STOPPING:
-            self._fail_inflight(actor, ActorvisorError(ErrorCode.STOPPED, "the actor was stopped"))
+            # Actions that arrived while it was going to sleep never reached it: they
+            # wake it again. Those it had been given were answered or cancelled by it.
+            waiting = list(actor.pending) if actor.stop_reason is ShutdownReason.SLEEP else []
+            self._fail_inflight(actor, ActorvisorError(ErrorCode.STOPPED, "the actor was stopped"),
+                                keep={a.id for a in waiting})
             actor.transition(ActorState.STOPPED, status=status, reason=actor.stop_reason)
+            if waiting and self.accepting:
+                actor.pending.extend(waiting)
+                self.ensure_running(actor)
             return
         reason = actor.kill_reason or ShutdownReason.CRASH
         log.warning("worker_exited", actor=actor.id, pid=proc.pid, status=status, reason=reason.value)
@@ -357,12 +364,14 @@ class ActorManager:
         if actor.relay.last_seq is None or seq > actor.relay.last_seq:
             actor.relay.publish(seq, epoch, EventName.VM_SHUTDOWN, payload)
 
-    def _fail_inflight(self, actor: Actor, error: ActorvisorError) -> None:
+    def _fail_inflight(self, actor: Actor, error: ActorvisorError, keep: Collection[int] = ()) -> None:
         actor.pending.clear()
-        for fut in actor.inflight.values():
+        for action_id, fut in list(actor.inflight.items()):
+            if action_id in keep:
+                continue
             if not fut.done():
                 fut.set_exception(error)
-        actor.inflight.clear()
+            del actor.inflight[action_id]
 
     # ---- worker messages -----------------------------------------------------------
 
