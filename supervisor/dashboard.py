@@ -50,7 +50,7 @@ def same_process(pid: int | None, create_time: float | None) -> bool:
     if not pid or create_time is None:
         return False
     try:
-        return abs(psutil.Process(pid).create_time() - create_time) < 0.01
+        return bool(abs(psutil.Process(pid).create_time() - create_time) < 0.01)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 

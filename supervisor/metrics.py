@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .app import Supervisor
 
 # `*_created` series double the output and nothing here needs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)

@@ -75,7 +75,10 @@ class JournalPrefixed:
 
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> Any:
         priority = _PRIORITY.get(str(event_dict.get("level", method)).lower(), 6)
-        return f"<{priority}>{self._renderer(logger, method, event_dict)}"
+        line = self._renderer(logger, method, event_dict)
+        if isinstance(line, bytes):
+            return f"<{priority}>".encode() + line
+        return f"<{priority}>{line}"
 
 
 def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
