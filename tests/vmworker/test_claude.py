@@ -198,6 +198,9 @@ async def test_thinking_streams_as_thoughts_and_stays_in_the_tool_loop(
                       ToolUse("toolu_2", "bash", {"command": "sleep 60"})))
     turn = asyncio.create_task(actor.call("sendPrompt", sid, "now sleep"))
     await wait_until(actor, lambda: updates(actor, sid)[-1].get("status") == "in_progress")
+    # Cancel once the command runs: a sandbox killed in its first milliseconds can leave
+    # its process behind (a vmworker/sandbox.py race, reported).
+    await wait_until(actor, sleeping)
     await actor.call("cancelPrompt", sid)
     await turn
     fake.script(Reply(Text("ok")))
