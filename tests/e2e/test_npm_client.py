@@ -5,7 +5,8 @@ Each test runs one of the Node scripts in `tests/e2e/npm/` (installed by `make t
 RivetKit's `ws` peer dependency as their WebSocket (`--no-experimental-websocket`): on
 Node 20, Node's own WebSocket fires no close event when a connection attempt fails, so
 the client would hang instead of failing. The quickstart also runs on Node's own
-WebSocket, which is what RivetKit picks by default on Node 22 and later.
+WebSocket, which is what RivetKit picks by default on Node 22 and later. Set
+ACTORVISOR_NPM_LOG_LEVEL=debug to see the client's own log in a failure's output.
 
 The lock file lists platform packages of other systems that the registry this project
 installs from does not serve; `npm ci` wants them listed. After `npm install` in `tests/`,

@@ -21,7 +21,7 @@ export function encodingFromArgs() {
 export function makeClient(encoding) {
 	const endpoint = process.env.ACTORVISOR_URL;
 	if (!endpoint) throw new Error("ACTORVISOR_URL is not set");
-	return createClient({ endpoint, encoding, disableMetadataLookup: false, devtools: false });
+	return createClient({ endpoint, encoding });
 }
 
 /** Page through `getSessionEvents` until the log is exhausted. */
@@ -91,7 +91,7 @@ export function errorInfo(err) {
 	};
 }
 
-/** Run `main`, print its result as one JSON line, and exit (0 on success, 1 on error). */
+/** Run `main` and print its result (or its error) as one line; exit status 1 on error. */
 export async function runMain(main) {
 	let code = 0;
 	try {
