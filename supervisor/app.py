@@ -19,6 +19,7 @@ import shutil
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ from aiohttp import WSCloseCode, web
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError
+from protocol.names import ShutdownReason
 
 from . import __version__, metrics
-from .actors import ActorManager, ActorState
-from .config import Config
+from .actors import Actor, ActorManager, ActorState
+from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
@@ -67,7 +69,7 @@ class Supervisor:
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self._owns_runtime_dir = config.runtime_dir is None
-        self.runtime_dir: Path = config.resolved_runtime_dir()
+        self.runtime_dir: Path = config.runtime_dir or make_private_runtime_dir()
         self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
@@ -77,7 +79,8 @@ class Supervisor:
         self.app.add_routes(self.gateway.routes())
         self.app.add_routes([web.get("/metrics", self.metrics),
                              web.get("/admin/workers", self.admin_workers),
-                             web.post("/admin/actors/{actor_id}/reset", self.admin_reset)])
+                             web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
+                             web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
@@ -261,9 +264,17 @@ class Supervisor:
         return web.json_response(body)
 
     async def admin_reset(self, request: web.Request) -> web.Response:
+        """Clear a failed actor's crash history so its next action starts it again."""
+        return self._admin_actor_op(request, self.manager.reset)
+
+    async def admin_sleep(self, request: web.Request) -> web.Response:
+        """Put an actor to sleep now, as idleness would (its next action wakes it)."""
+        return self._admin_actor_op(request, lambda actor: self.manager.stop(actor, ShutdownReason.SLEEP))
+
+    def _admin_actor_op(self, request: web.Request, op: Callable[[Actor], None]) -> web.Response:
         try:
             actor = self.manager.get_by_id(request.match_info["actor_id"])
         except ActorvisorError as err:
             return web.json_response(err.to_dict(), status=404)
-        self.manager.reset(actor)
+        op(actor)
         return web.json_response(actor.describe())

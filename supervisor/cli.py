@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["host"], overrides["port"] = parse_listen(args.listen)
     if args.state_dir:
         overrides["state_dir"] = Path(args.state_dir)
+    if args.runtime_dir:
+        overrides["runtime_dir"] = Path(args.runtime_dir)
     if args.boot_delay is not None:
         overrides["boot_delay"] = args.boot_delay
     if args.log_level:
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the service")
     run.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:6420)")
     run.add_argument("--state-dir", help="where actors keep their files and logs (default .actorvisor)")
+    run.add_argument("--runtime-dir", help="where the worker ipc socket lives "
+                     "(default $RUNTIME_DIRECTORY, else a private dir under /tmp)")
     run.add_argument("--config", help="a TOML file of settings (names as in supervisor/config.py)")
     run.add_argument("--boot-delay", type=float, help="extra VM boot time, to emulate slow images")
     run.add_argument("--log-level", help="debug|info|warning|error")

@@ -41,12 +41,9 @@ def load_file(path: Path) -> dict[str, object]:
     return values
 
 
-def _default_runtime_dir(state_dir: Path) -> Path:
-    # systemd gives us $RUNTIME_DIRECTORY; otherwise a private dir under /tmp keeps the
-    # ipc path short (AF_UNIX paths are limited to 107 bytes) whatever the state dir is.
-    explicit = os.environ.get("RUNTIME_DIRECTORY")
-    if explicit:
-        return Path(explicit.split(":")[0])
+def make_private_runtime_dir() -> Path:
+    # A private dir under /tmp keeps the ipc path short (AF_UNIX paths are limited to
+    # 107 bytes) whatever the state dir is. Its creator removes it at stop.
     return Path(tempfile.mkdtemp(prefix="actorvisor-"))
 
 
@@ -97,8 +94,8 @@ class Config:
             values["boot_delay"] = float(delay)
         if level := os.environ.get("ACTORVISOR_LOG_LEVEL"):
             values["log_level"] = level
+        if runtime := os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
+            values["runtime_dir"] = Path(runtime.split(":")[0])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
-    def resolved_runtime_dir(self) -> Path:
-        return self.runtime_dir if self.runtime_dir is not None else _default_runtime_dir(self.state_dir)

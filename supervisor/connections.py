@@ -49,7 +49,7 @@ class Connection:
     def __init__(self, ws: web.WebSocketResponse, actor: Actor, manager: ActorManager,
                  encoding: Encoding, max_queue_bytes: int, *, opened_at: float,
                  implicit_grace: float, implicit_window: float,
-                 transport: asyncio.BaseTransport | None = None) -> None:
+                 transport: asyncio.Transport | None = None) -> None:
         self.id = uuid.uuid4().hex
         self.transport = transport
         self.opened_at = opened_at

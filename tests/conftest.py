@@ -59,7 +59,8 @@ class SupervisorProc:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.cli", "run", "--listen", f"127.0.0.1:{self.port}",
-             "--state-dir", str(self.state_dir), *self.args],
+             "--state-dir", str(self.state_dir), "--runtime-dir", str(self.state_dir.parent / "run"),
+             *self.args],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

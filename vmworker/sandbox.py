@@ -27,6 +27,7 @@ caller is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+import psutil
 
 from protocol.errors import ActorvisorError, ErrorCode
 
@@ -188,7 +191,7 @@ class Sandbox:
         timeout_s: float = 60.0,
         output_limit: int = MAX_OUTPUT_BYTES,
     ) -> ExecResult:
-        proc = await asyncio.create_subprocess_exec(
+        spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
             *bwrap_argv(self.paths, command, cwd=cwd, env=env),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -196,12 +199,24 @@ class Sandbox:
             # Own session and process group: killpg reaches bwrap and everything it
             # started, and a signal meant for the worker's group never reaches the VM.
             start_new_session=True,
-        )
+        ))
+        try:
+            # asyncio's own clean-up of a spawn cancelled half-way only kills bwrap,
+            # which can orphan the sandbox it is cloning (and can hang): finish the
+            # spawn, then kill it our way.
+            proc = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            proc = await spawn
+            self._kill(proc)
+            await self._reap(proc)
+            raise
         self._running.add(proc)
         assert proc.stdout is not None and proc.stderr is not None
         reading = asyncio.gather(
             _read_capped(proc.stdout, output_limit), _read_capped(proc.stderr, output_limit)
         )
+        # Cancelled on the error paths below; nobody needs its exception then.
+        reading.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -228,12 +243,27 @@ class Sandbox:
 
     @staticmethod
     def _kill(proc: asyncio.subprocess.Process) -> None:
-        # bwrap is the group leader; killing it takes down the sandbox's pid namespace
-        # (its init dies, the kernel kills the rest) and --die-with-parent covers the gap.
+        """Kill bwrap and the sandbox it made, however early in its start-up.
+
+        bwrap leads our process group, but the sandbox's init runs in a session of its
+        own and is only tied to bwrap by --die-with-parent, which it sets a moment after
+        it is cloned. So: freeze bwrap (it can clone nothing more), kill every
+        descendant it has (killing the namespace's init makes the kernel kill the rest
+        of the namespace), then bwrap itself.
+        """
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGSTOP)
         except ProcessLookupError:
-            pass
+            return
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     @staticmethod
     async def _reap(proc: asyncio.subprocess.Process) -> None:

@@ -211,3 +211,21 @@ async def test_a_worker_over_its_limits_fails_alone(make_supervisor):
         assert info.value.code in (ErrorCode.WORKER_CRASHED, ErrorCode.FAILED)
         async with aiohttp.ClientSession() as session, session.get(f"{sup.url}/healthz") as resp:
             assert resp.status == 200
+
+
+async def test_an_action_that_arrives_while_going_to_sleep_wakes_the_actor(supervisor):
+    async with Client(supervisor.url) as client:
+        sid = (await client.action("vm", "drowsy", "createSession", "local", {}))["sessionId"]
+        first_pid = (await client.action("vm", "drowsy", "getRuntimeHealth"))["pid"]
+        actor_id = (await admin_actor(supervisor.url, "drowsy"))["actorId"]
+        # A turn in progress keeps the worker stopping for its grace period.
+        turn = asyncio.create_task(client.action("vm", "drowsy", "sendPrompt", sid, "sleep: 1.5"))
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{supervisor.url}/admin/actors/{actor_id}/sleep") as resp:
+                assert (await resp.json())["state"] == "stopping"
+        late = await client.action("vm", "drowsy", "getRuntimeHealth")
+        assert late["pid"] != first_pid
+        assert (await turn)["stopReason"] in ("end_turn", "cancelled")
+        logged = await replay_all(client, "drowsy")
+        assert [e["args"][0]["reason"] for e in logged if e["name"] == "vmShutdown"] == ["sleep"]

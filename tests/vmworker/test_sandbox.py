@@ -137,6 +137,28 @@ async def test_cancelling_the_caller_kills_the_command(sandbox: Sandbox) -> None
     assert not _sleepers()
 
 
+async def test_cancelling_at_any_moment_of_start_up_leaves_nothing(sandbox: Sandbox) -> None:
+    # The sandbox's init is tied to bwrap only once it has set --die-with-parent; a
+    # cancel in the first milliseconds must not leave it (and its command) behind.
+    for step in range(20):
+        task = asyncio.create_task(sandbox.run(["sleep", "304"]))
+        await asyncio.sleep(step * 0.001)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for _ in range(50):
+        if not _sleepers():
+            break
+        await asyncio.sleep(0.1)
+    assert not _sleepers()
+    assert not _bwraps_of_this_test(sandbox)
+
+
+def _bwraps_of_this_test(sandbox: Sandbox) -> list[psutil.Process]:
+    root = str(sandbox.paths.root)
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any(root in arg for arg in (p.info["cmdline"] or []))]
+
+
 async def test_background_process_does_not_outlive_its_command(sandbox: Sandbox) -> None:
     code, _, _ = await sh(sandbox, "(sleep 303 >/dev/null 2>&1 &); echo done", timeout_s=10)
     assert code == 0
