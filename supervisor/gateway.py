@@ -138,20 +138,21 @@ class Gateway:
     async def connect(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         opened_at = time.monotonic()
+        ws = web.WebSocketResponse(protocols=("rivet",), max_msg_size=4 * self.max_message_size,
+                                   heartbeat=30.0)
         try:
             protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
             encoding, _params = cp.parse_ws_subprotocols(protocols)
+            if not self.manager.accepting:
+                # Draining: no Init, only the close reason the RivetKit client retries on
+                # (with backoff), so a reconnect never settles on a supervisor about to exit.
+                await ws.prepare(request)
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=CLOSE_GOING_AWAY.encode())
+                return ws
             actor = self.resolve(request.match_info["target"], request.query)
         except ActorvisorError as err:
             return self._http_error(err, Encoding.JSON)
-        ws = web.WebSocketResponse(protocols=("rivet",), max_msg_size=4 * self.max_message_size,
-                                   heartbeat=30.0)
         await ws.prepare(request)
-        if not self.manager.accepting:
-            # Draining: no Init, just the reason the RivetKit client retries on (with
-            # backoff), so a reconnect does not land on a supervisor about to exit.
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=CLOSE_GOING_AWAY.encode())
-            return ws
         conn = Connection(ws, actor, self.manager, encoding, self.config.conn_queue_bytes,
                           opened_at=opened_at, implicit_grace=self.config.implicit_cursor_grace,
                           implicit_window=self.config.implicit_cursor_window,
