@@ -76,8 +76,16 @@ systemd-nspawn -q --keep-unit --register=no -D "$ROOTFS" --pipe -- /bin/sh -ec '
 ' > "$WORK/install.log" 2>&1 || { tail -20 "$WORK/install.log"; die "installing into the tree failed"; }
 install -D -m 0644 deploy/actorvisor.sysusers "$ROOTFS/etc/sysusers.d/actorvisor.conf"
 install -D -m 0644 deploy/actorvisor.service "$ROOTFS/etc/systemd/system/actorvisor.service"
-mkdir -p "$ROOTFS/etc/systemd/system/multi-user.target.wants"
+install -D -m 0644 deploy/actorvisor.socket "$ROOTFS/etc/systemd/system/actorvisor.socket"
+mkdir -p "$ROOTFS/etc/systemd/system/multi-user.target.wants" "$ROOTFS/etc/systemd/system/sockets.target.wants"
 ln -sf /etc/systemd/system/actorvisor.service "$ROOTFS/etc/systemd/system/multi-user.target.wants/actorvisor.service"
+ln -sf /etc/systemd/system/actorvisor.socket "$ROOTFS/etc/systemd/system/sockets.target.wants/actorvisor.socket"
+mkdir -p "$ROOTFS/etc/systemd/system/actorvisor.socket.d"
+cat > "$ROOTFS/etc/systemd/system/actorvisor.socket.d/test.conf" <<EOF
+[Socket]
+ListenStream=
+ListenStream=127.0.0.1:$PORT
+EOF
 # The test's own settings, as an operator's drop-in would be: a free port (the container
 # shares the host's network), a slow VM image, and a short watchdog to test it quickly.
 mkdir -p "$ROOTFS/etc/systemd/system/actorvisor.service.d"
@@ -107,7 +115,8 @@ SYSTEMD_NSPAWN_API_VFS_WRITABLE=1 systemd-nspawn -q --keep-unit --register=no -D
 NSPAWN_PID=$!
 INIT=
 for _ in $(seq 100); do
-  INIT=$(pgrep -P "$NSPAWN_PID" | head -1 || true)
+  # The container's init, not a short-lived helper nspawn forks first.
+  INIT=$(pgrep -P "$NSPAWN_PID" -x systemd | head -1 || true)
   [ -n "$INIT" ] && break
   sleep 0.1
 done
@@ -129,6 +138,8 @@ check "Type=notify" [ "$(prop Type)" = notify ]
 check "active (running)" [ "$(prop ActiveState)/$(prop SubState)" = active/running ]
 check "runs as the actorvisor user" [ "$(prop User)" = actorvisor ]
 check "STATUS= is the one-line summary" grep -q '^actors: none; connections: 0' <<<"$(prop StatusText)"
+check "it listens on the socket actorvisor.socket holds (socket activation)" \
+  sh -c "nsenter -t $INIT -a -- journalctl -u actorvisor -o cat --no-pager | grep -q '\"socket_activated\": true'"
 started=$(date +%s.%N)
 in_ct systemctl restart actorvisor
 elapsed=$("$PYTHON" -c "print(round($(date +%s.%N) - $started, 2))")

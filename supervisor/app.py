@@ -37,7 +37,7 @@ from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
-from .sdnotify import Notifier
+from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
 
@@ -82,6 +82,8 @@ class Supervisor:
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
                              web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
         self._runner: web.AppRunner | None = None
+        self._site: web.BaseSite | None = None
+        self.socket_activated = False
         self._ticker: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._collector: metrics.SupervisorCollector | None = None
@@ -104,8 +106,15 @@ class Supervisor:
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        inherited = inherited_sockets()
+        if inherited:
+            self.port = inherited[0].getsockname()[1]
+            site: web.BaseSite = web.SockSite(self._runner, inherited[0])
+        else:
+            site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        self.socket_activated = bool(inherited)
         await site.start()
+        self._site = site
         server = site._server
         if server is not None and self.config.port == 0:
             sockets = getattr(server, "sockets", None) or []
@@ -117,6 +126,7 @@ class Supervisor:
         self._ticker = asyncio.create_task(self._tick(), name="supervisor-tick")
         self._ticker.add_done_callback(self._ticker_done)
         log.info("supervisor_listening", listen=f"{self.config.host}:{self.port}",
+                 socket_activated=self.socket_activated,
                  state_dir=str(self.config.state_dir), ipc=self.hub.endpoint)
         # Listening is all "ready" means: no worker is started, let alone waited for.
         self._status = self.status_line()
@@ -179,6 +189,10 @@ class Supervisor:
         self.notifier.stopping(f"draining: {len(self.gateway.connections)} connections, "
                                f"{running} workers")
         self.manager.accepting = False
+        if self.socket_activated and self._site is not None:
+            # The socket outlives us: stop accepting, so that clients reconnecting from
+            # here on wait in its backlog for the next supervisor instead of for us.
+            await self._site.stop()
         for conn in list(self.gateway.connections):
             conn.close_soon(WSCloseCode.GOING_AWAY, CLOSE_GOING_AWAY)
         await self.manager.stop_all(self.config.stop_timeout if timeout is None else timeout)

@@ -92,3 +92,27 @@ class Notifier:
 def _one_line(value: str) -> str:
     # A newline would start a new assignment: a status text must never inject one.
     return value.replace("\n", " ")
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (sd_listen_fds(3)).
+
+    With them the listening socket outlives a restart: while one supervisor drains and
+    the next starts, clients queue in its backlog instead of being refused (the RivetKit
+    client gives up on a refused reconnect). Reads and removes $LISTEN_PID, $LISTEN_FDS
+    and $LISTEN_FDNAMES so nothing we start inherits them; fds meant for another pid
+    are left alone.
+    """
+    env = os.environ if environ is None else environ
+    pid, count = env.pop("LISTEN_PID", None), env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_FDNAMES", None)
+    if not (pid and pid.isdigit() and int(pid) == os.getpid() and count and count.isdigit()):
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets

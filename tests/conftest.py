@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,15 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `python -c SOCKET_ACTIVATE FD python-args...`: put FD at 3 and exec the supervisor with
+# LISTEN_PID/LISTEN_FDS set for itself, as systemd does for a socket-activated service.
+SOCKET_ACTIVATE = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
 
 
 def free_port() -> int:
@@ -49,6 +59,7 @@ class SupervisorProc:
     proc: subprocess.Popen[bytes] | None = None
     seen_pids: set[int] = field(default_factory=set)
     log_path: Path | None = None
+    listen_socket: socket.socket | None = None
 
     @property
     def url(self) -> str:
@@ -57,11 +68,19 @@ class SupervisorProc:
     def start(self, timeout: float = 20.0) -> None:
         self.log_path = self.state_dir.parent / f"supervisor-{len(self.seen_pids)}.log"
         log = self.log_path.open("ab")
+        argv = ["-m", "supervisor.cli", "run", "--listen", f"127.0.0.1:{self.port}",
+                "--state-dir", str(self.state_dir), "--runtime-dir", str(self.state_dir.parent / "run"),
+                *self.args]
+        pass_fds: tuple[int, ...] = ()
+        if self.listen_socket is not None:
+            # systemd socket activation, as the unit's actorvisor.socket does it: the
+            # listening socket is ours and outlives each supervisor process.
+            fd = self.listen_socket.fileno()
+            pass_fds = (fd,)
+            argv = ["-c", SOCKET_ACTIVATE, str(fd), *argv]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "--listen", f"127.0.0.1:{self.port}",
-             "--state-dir", str(self.state_dir), "--runtime-dir", str(self.state_dir.parent / "run"),
-             *self.args],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, *argv], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=pass_fds,
         )
         log.close()
         self.seen_pids.add(self.proc.pid)
@@ -70,11 +89,20 @@ class SupervisorProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"supervisor exited early:\n{self.logs()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=0.5) as resp:
+                    if resp.status == 200:
+                        return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"supervisor did not listen within {timeout}s:\n{self.logs()}")
+        raise RuntimeError(f"supervisor did not serve within {timeout}s:\n{self.logs()}")
+
+    def hold_socket(self) -> None:
+        """Listen on our port ourselves and hand the socket to every supervisor we start."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(128)
+        self.listen_socket = sock
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -130,6 +158,8 @@ def make_supervisor(tmp_state: Path) -> Iterator[callable]:
     finally:
         for sup in started:
             sup.stop()
+            if sup.listen_socket is not None:
+                sup.listen_socket.close()
 
 
 @pytest.fixture

@@ -352,12 +352,14 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path):
     shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
     (tmp_path / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(unit, tmp_path / "etc/systemd/system/actorvisor.service")
+    shutil.copy(ROOT / "deploy" / "actorvisor.socket", tmp_path / "etc/systemd/system/actorvisor.socket")
     stand_in = tmp_path / exec_start.lstrip("/")
     stand_in.parent.mkdir(parents=True)
     stand_in.write_text("#!/bin/sh\n")
     stand_in.chmod(0o755)
     result = subprocess.run([analyze, "verify", f"--root={tmp_path}",
-                             "/etc/systemd/system/actorvisor.service"],
+                             "/etc/systemd/system/actorvisor.service",
+                             "/etc/systemd/system/actorvisor.socket"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and not result.stdout and not result.stderr, result
     for expected in ("Type=notify", "KillMode=mixed", "Restart=on-failure", "NoNewPrivileges=yes",
