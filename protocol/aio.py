@@ -133,6 +133,7 @@ class Connection:
         self.errors: list[ActorvisorError] = []
         self.reconnects = 0
         self.repeats = 0  # events dropped because their seq was already seen
+        self._close_reason = ""
 
     async def open(self) -> None:
         url = self._client.gateway_url(self.name, self.key, "connect")
@@ -151,6 +152,9 @@ class Connection:
             ready.cancel()
         if not self._ready.is_set() or ws is not self._ws:
             await ws.close()
+            refused = ErrorCode.parse(*self._close_reason.split(".", 1)) if "." in self._close_reason else None
+            if refused is not None:
+                raise ActorvisorError(refused, f"the server closed the connection: {self._close_reason}")
             raise ConnectionError("the connection closed before the server's Init")
         for event_name in self._handlers:
             self._send_subscription(event_name, True)
@@ -208,8 +212,12 @@ class Connection:
             self._pending.pop(action_id, None)
 
     async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for frame in ws:
+        self._close_reason = ""
+        while True:
+            frame = await ws.receive()
             if frame.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                if frame.type is aiohttp.WSMsgType.CLOSE and isinstance(frame.extra, str):
+                    self._close_reason = frame.extra
                 break
             msg = decode_to_client(frame.data, self._client.encoding)
             await self._dispatch(msg)
@@ -272,6 +280,9 @@ class Connection:
             try:
                 await self.open()
                 self.reconnects += 1
+                return
+            except ActorvisorError as err:
+                self.errors.append(err)  # refused for good (e.g. the actor was destroyed)
                 return
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 await asyncio.sleep(delay)

@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     """Every error actorvisor reports, as `group.code`."""
 
     ACTOR_NOT_FOUND = "actor.not_found"
+    UNKNOWN_KIND = "actor.unknown_kind"
     UNKNOWN_ACTION = "actor.unknown_action"
     INVALID_ARGS = "actor.invalid_args"
     INVALID_PATH = "actor.invalid_path"

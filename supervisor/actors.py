@@ -86,7 +86,9 @@ def validate_key(key: str) -> None:
 def validate_name(name: str) -> None:
     if name not in ACTOR_KINDS:
         kinds = ", ".join(sorted(ACTOR_KINDS))
-        raise ActorvisorError(ErrorCode.ACTOR_NOT_FOUND,
+        # Not `not_found`: the RivetKit client retries that one for seconds, in case the
+        # actor is being created; a kind that does not exist never will.
+        raise ActorvisorError(ErrorCode.UNKNOWN_KIND,
                               f"no actor kind named {name[:64]!r}; this service hosts: {kinds}")
 
 

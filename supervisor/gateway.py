@@ -35,6 +35,7 @@ log = structlog.get_logger("supervisor.gateway")
 
 _STATUS = {
     ErrorCode.ACTOR_NOT_FOUND: 404,
+    ErrorCode.UNKNOWN_KIND: 404,
     ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.FILE_NOT_FOUND: 404,
     ErrorCode.PERMISSION_NOT_FOUND: 404,
@@ -51,6 +52,11 @@ _STATUS = {
     ErrorCode.SESSION_BUSY: 409,
     ErrorCode.FILE_EXISTS: 409,
 }
+
+
+def close_reason(err: ActorvisorError) -> bytes:
+    """`group.code`, the close reason form the RivetKit client parses (at most 123 bytes)."""
+    return err.code.value.encode()[:123]
 
 
 def http_status(code: ErrorCode) -> int:
@@ -143,6 +149,10 @@ class Gateway:
         try:
             protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
             encoding, _params = cp.parse_ws_subprotocols(protocols)
+        except ActorvisorError as err:
+            # Without an encoding we both understand, an HTTP answer is all we can give.
+            return self._http_error(err, Encoding.JSON)
+        try:
             if not self.manager.accepting:
                 # Draining: no Init, only the close reason the RivetKit client retries on
                 # (with backoff), so a reconnect never settles on a supervisor about to exit.
@@ -151,7 +161,11 @@ class Gateway:
                 return ws
             actor = self.resolve(request.match_info["target"], request.query)
         except ActorvisorError as err:
-            return self._http_error(err, Encoding.JSON)
+            # A WebSocket client sees an HTTP error only as "connection failed" (1006);
+            # a close reason `group.code` reaches the RivetKit client as an ActorError.
+            await ws.prepare(request)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=close_reason(err))
+            return ws
         await ws.prepare(request)
         conn = Connection(ws, actor, self.manager, encoding, self.config.conn_queue_bytes,
                           opened_at=opened_at, implicit_grace=self.config.implicit_cursor_grace,

@@ -100,9 +100,18 @@ async def test_bad_upgrades_and_http_requests(supervisor):
         body = await resp.json()
         assert (body["group"], body["code"]) == ("protocol", "unsupported_encoding")
 
-        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-            await session.ws_connect(connect_url(supervisor.url, "k", name="chatRoom"), protocols=("rivet",))
-        assert info.value.status == 404
+        # Errors after the encoding is agreed close the upgraded socket with `group.code`,
+        # the form a RivetKit client turns into an ActorError.
+        for url, reason in [(connect_url(supervisor.url, "k", name="chatRoom"), "actor.unknown_kind"),
+                            (f"{supervisor.url}/gateway/0123456789abcdef01234567/connect", "actor.not_found"),
+                            (connect_url(supervisor.url, "bad\x01key"), "actor.invalid_key")]:
+            ws = await session.ws_connect(url, protocols=("rivet",))
+            msg = await ws.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.extra == reason, (url, msg)
+            await ws.close()
+        resp = await session.post(f"{supervisor.url}/gateway/chatRoom/action/exec?rvt-method=getOrCreate&rvt-key=h",
+                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json"})
+        assert resp.status == 404 and (await resp.json())["code"] == "unknown_kind"
 
         resp = await session.post(f"{supervisor.url}/gateway/vm/action/exec?rvt-method=getOrCreate&rvt-key=h",
                                   data=b"{not json", headers={"x-rivet-encoding": "json"})

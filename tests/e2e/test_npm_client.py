@@ -279,12 +279,15 @@ def test_errors_reach_the_client_as_actor_errors(supervisor, encoding):
     # Errors never spoil the connection they came on.
     assert results["connStillWorks"] == {"ok": True, "value": []}
     assert results["connStillConnected"] == "connected"
-    # A connection to an actor id that does not exist fails its pending action and gives
-    # up (the upgrade is refused with 404, which a WebSocket client only sees as 1006).
+    # A connection to an actor id that does not exist: the upgrade is accepted and closed
+    # with reason `actor.not_found`, so the client reports that (not a bare 1006) and stops.
     missing = results["connMissingActorId"]
-    assert missing["action"]["ok"] is False
+    assert_actor_error(missing["action"], "actor", "not_found")
     assert missing["status"] == "idle"
-    assert [(e["group"], e["code"]) for e in missing["onError"]] == [("client", "connection_open_failed")]
+    assert {(e["group"], e["code"]) for e in missing["onError"]} == {("actor", "not_found")}
+    # An actor kind this service does not host fails at once, over HTTP and a connection.
+    assert_actor_error(results["httpUnknownKind"], "actor", "unknown_kind")
+    assert_actor_error(results["connUnknownKind"], "actor", "unknown_kind")
 
 
 # ---- graceful restart ----------------------------------------------------------------

@@ -48,6 +48,8 @@ await runMain(async () => {
 			httpMissingActorKey: await outcome(client.vm.get(`missing-${tag}`).getRuntimeHealth()),
 			httpMissingActorId: await outcome(client.vm.getForId(`missing-${tag}`).getRuntimeHealth()),
 			connMissingActorId: await missingActorConnection(client, `missing-${tag}`),
+			httpUnknownKind: await outcome(client.chatRoom.getOrCreate(`k-${tag}`).getRuntimeHealth()),
+			connUnknownKind: await outcome(client.chatRoom.getOrCreate(`k-${tag}`).connect().getRuntimeHealth()),
 		};
 		results.connStillConnected = conn.connStatus;
 		await conn.dispose();
