@@ -98,28 +98,39 @@ def _print_update(payload: dict[str, Any]) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    if args.agent == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
-        print("The claude agent needs an API key: set ANTHROPIC_API_KEY in the supervisor's "
-              "environment (and ANTHROPIC_BASE_URL for a non-default endpoint), or run the "
-              "demo with --agent local.", file=sys.stderr)
-        return 2
+    prompt = args.prompt or (DEMO_PROMPT if args.agent == "local" else CLAUDE_DEMO_PROMPT)
     async with Client(args.url) as client:
         conn = await client.connect(ACTOR_KIND_VM, args.actor)
         conn.on("sessionEvent", _print_update)
         conn.on("vmBooted", lambda p: print(f"[vm booted in {p.get('bootMs')} ms]"))
-        session = await conn.call("createSession", args.agent, {})
+        try:
+            session = await conn.call("createSession", args.agent, {})
+        except ActorvisorError as err:
+            if args.agent == "claude":
+                # The key is read where the agent runs: the service's environment.
+                print(f"The claude agent could not start: {err.message}\n"
+                      "Set ANTHROPIC_API_KEY in the actorvisor service's environment (and "
+                      "ANTHROPIC_BASE_URL for a non-default endpoint), restart it, and run the "
+                      "demo again; or run the demo with --agent local.", file=sys.stderr)
+                await conn.close()
+                return 2
+            raise
         print(f"session {session['sessionId']} on actor {conn.actor_id}")
-        result = await conn.call("sendPrompt", session["sessionId"], args.prompt)
+        result = await conn.call("sendPrompt", session["sessionId"], prompt)
         print(f"\n[turn ended: {result['stopReason']}]")
-        if args.agent == "local":
+        try:
             content = await conn.call("readFile", "/workspace/hello.txt")
             print(f"/workspace/hello.txt: {content.decode(errors='replace')!r}")
+        except ActorvisorError as err:
+            print(f"/workspace/hello.txt: {err.message}")
         await conn.close()
     return 0
 
 
 DEMO_PROMPT = ("Say hello.\nwrite /workspace/hello.txt: hello from the VM\n"
                "run: cat /workspace/hello.txt && uname -a")
+CLAUDE_DEMO_PROMPT = ("Write a two-line greeting to /workspace/hello.txt, then run `uname -a` "
+                      "and tell me in one sentence what kind of machine you are on.")
 
 
 async def _call(args: argparse.Namespace) -> int:
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--url", default=_default_url())
     demo.add_argument("--actor", default="my-agent")
     demo.add_argument("--agent", default="local", choices=["local", "claude"])
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--prompt", help="what to ask (default: a prompt that shows tools and files)")
 
     call = sub.add_parser("call", help="call one action over HTTP and print its result")
     call.add_argument("actor")

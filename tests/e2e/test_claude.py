@@ -143,15 +143,20 @@ async def run_demo(sup, env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-async def test_demo_with_and_without_a_key(make_supervisor, fake: FakeAnthropic):
-    sup = make_supervisor(env=api_env(fake))
+async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(make_supervisor,
+                                                                         fake: FakeAnthropic):
+    # The agent runs in the service, so the key that matters is the service's: the demo
+    # client needs none of its own.
     plain = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    code, out = await run_demo(sup, plain)
-    assert code == 2 and "ANTHROPIC_API_KEY" in out
+    keyless = make_supervisor(env={"ANTHROPIC_API_KEY": "", "ANTHROPIC_BASE_URL": fake.url})
+    code, out = await run_demo(keyless, plain)
+    assert code == 2 and "ANTHROPIC_API_KEY" in out and "service's environment" in out
     assert fake.requests == []
+    keyless.stop()
 
+    sup = make_supervisor(env=api_env(fake))
     fake.script(Reply(Text("Hello from the model.")))
-    code, out = await run_demo(sup, {**plain, **api_env(fake)})
+    code, out = await run_demo(sup, plain)
     assert code == 0, out
     assert "Hello from the model." in out and "[turn ended: end_turn]" in out
     assert len(fake.requests) == 1
