@@ -35,6 +35,7 @@ run: $(STAMP) sandbox-deps
 	$(BIN)/actorvisor run $(ARGS)
 
 test: $(STAMP) sandbox-deps ops-deps $(NPM_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

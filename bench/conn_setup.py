@@ -25,7 +25,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol.client import Encoding, Init, decode_to_client  # noqa: E402
-from tests.conftest import SupervisorProc, free_port  # noqa: E402
+from tests.support import SupervisorProc, free_port  # noqa: E402
 
 
 async def one_connection(session: aiohttp.ClientSession, url: str, key: str) -> float:

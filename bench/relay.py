@@ -35,8 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from protocol.aio import Client  # noqa: E402
-from protocol.client import Encoding, Event, SubscriptionRequest, decode_to_client, encode_to_server  # noqa: E402
-from tests.conftest import SupervisorProc, free_port  # noqa: E402
+from protocol.client import (  # noqa: E402
+    Encoding,
+    Event,
+    SubscriptionRequest,
+    decode_to_client,
+    encode_to_server,
+)
+from tests.support import SupervisorProc, free_port  # noqa: E402
 
 SUBSCRIBE = encode_to_server(SubscriptionRequest("sessionEvent", True), Encoding.CBOR)
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.conn_setup import measure, pct  # noqa: E402
 from protocol.aio import Client  # noqa: E402
-from tests.conftest import SupervisorProc, free_port  # noqa: E402
+from tests.support import SupervisorProc, free_port  # noqa: E402
 
 
 async def cold_starts(sup: SupervisorProc, count: int, prefix: str) -> list[float]:

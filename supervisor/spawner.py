@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol

@@ -22,7 +22,7 @@ from protocol.client import (
     encode_to_server,
 )
 from protocol.errors import ActorvisorError, ErrorCode
-from tests.conftest import SupervisorProc, free_port
+from tests.support import SupervisorProc, free_port
 
 
 def connect_url(base: str, key: str, name: str = "vm") -> str:

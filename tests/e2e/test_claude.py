@@ -11,14 +11,13 @@ import signal
 import stat
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
-from tests.conftest import ROOT
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
+from tests.support import ROOT, eventually
 
 
 @pytest.fixture
@@ -34,11 +33,6 @@ def api_env(fake: FakeAnthropic, **extra: str) -> dict[str, str]:
     return {"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": fake.api_key, **extra}
 
 
-async def wait_for(check, timeout: float = 20.0):
-    async with asyncio.timeout(timeout):
-        while not (value := check()):
-            await asyncio.sleep(0.02)
-    return value
 
 
 def text(role: str, *parts: str) -> dict:
@@ -68,7 +62,7 @@ async def test_conversation_survives_a_killed_worker(make_supervisor, fake: Fake
 
         pid = (await conn.call("getRuntimeHealth"))["pid"]
         os.kill(pid, signal.SIGKILL)
-        await wait_for(lambda: [s for s in shutdowns if s["reason"] == "crash"])
+        await eventually(lambda: [s for s in shutdowns if s["reason"] == "crash"])
 
         fake.script(Reply(Text("The word was zebra.")))
         second = await conn.call("sendPrompt", sid, "Which word?")
@@ -108,7 +102,7 @@ async def test_no_api_key_in_any_log_event_or_file(make_supervisor, fake: FakeAn
         # A crash and a restart: the session given a key goes on with the supervisor's.
         pid = (await conn.call("getRuntimeHealth"))["pid"]
         os.kill(pid, signal.SIGKILL)
-        await wait_for(lambda: shutdowns)
+        await eventually(lambda: shutdowns)
         fake.api_key = env_key
         fake.script(Reply(Text("Still here.")))
         assert (await conn.call("sendPrompt", with_key, "still there?"))["text"] == "Still here."

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def cli(sup, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

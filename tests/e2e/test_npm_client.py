@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 NPM_DIR = ROOT / "tests" / "e2e" / "npm"
 RIVETKIT = ROOT / "tests" / "node_modules" / "rivetkit" / "package.json"

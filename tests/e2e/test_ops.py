@@ -26,8 +26,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.aio import Client
-from tests.conftest import ROOT
 from tests.notify import NotifySocket, pings
+from tests.support import ROOT, eventually
 
 REQUIRED_FAMILIES = {
     "actorvisor_connections", "actorvisor_actors", "actorvisor_events_relayed",
@@ -36,15 +36,6 @@ REQUIRED_FAMILIES = {
 }
 
 
-async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
 
 
 async def admin(url: str) -> dict:
@@ -140,7 +131,7 @@ async def test_metrics_parse_and_move_with_traffic(make_supervisor):
         late = await client.connect("vm", "metered", reconnect=False)
         late.subscribe("sessionEvent", from_log.append, after=0)
         late.subscribe("vmBooted", from_ring.append, after=last - 2)
-        await wait_for(lambda: asyncio.sleep(0, len(from_log) == len(live)))
+        await eventually(lambda: len(from_log) == len(live))
 
         # A subscriber whose queue overflows (a 100 KB event over a 64 KB limit) is cut off.
         flooded = await client.connect("vm", "flooded", reconnect=False)
@@ -151,7 +142,7 @@ async def test_metrics_parse_and_move_with_traffic(make_supervisor):
         # A worker that dies counts as a restart.
         pid = (await conn.call("getRuntimeHealth"))["pid"]
         os.kill(pid, signal.SIGKILL)
-        await wait_for(lambda: _crashed(sup.url, "metered"))
+        await eventually(lambda: _crashed(sup.url, "metered"))
         for c in (conn, late, flooded):
             await c.close()
 
@@ -191,8 +182,8 @@ async def test_top_once_json_agrees_with_psutil(supervisor):
         await client.action("vm", "top-idle", "getRuntimeHealth")
         busy_pid = (await client.action("vm", "top-busy", "getRuntimeHealth"))["pid"]
         running = asyncio.create_task(client.action("vm", "top-busy", "exec", "sleep 60", {}))
-        await wait_for(lambda: asyncio.sleep(0, any(
-            p.name() == "sleep" for p in psutil.Process(busy_pid).children(recursive=True))))
+        await eventually(lambda: any(
+            p.name() == "sleep" for p in psutil.Process(busy_pid).children(recursive=True)))
 
         snap = json.loads(await run_top(supervisor.url, "--once", "--json", "--interval", "0.5"))
         assert snap["processFigures"] is True
@@ -258,13 +249,13 @@ async def test_top_live_screen_in_tmux(supervisor, tmp_state):
             screen = tmux_cmd("capture-pane", "-p", "-t", "top")
             return screen if text in screen else None
 
-        screen = await wait_for(lambda: screen_has("on-screen"))
+        screen = await eventually(lambda: screen_has("on-screen"))
         assert "zygote" in screen and "CPU%" in screen and "sort: cpu" in screen
         tmux_cmd("send-keys", "-t", "top", ">")
-        await wait_for(lambda: screen_has("sort: rss"))
+        await eventually(lambda: screen_has("sort: rss"))
         tmux_cmd("send-keys", "-t", "top", "q")
-        await wait_for(lambda: asyncio.sleep(0, subprocess.run(
-            [tmux, "-L", sock, "has-session", "-t", "top"], capture_output=True).returncode != 0))
+        await eventually(lambda: subprocess.run(
+            [tmux, "-L", sock, "has-session", "-t", "top"], capture_output=True).returncode != 0)
     finally:
         subprocess.run([tmux, "-L", sock, "kill-server"], capture_output=True)
 

@@ -9,6 +9,7 @@ import signal
 from protocol.aio import Client
 from protocol.client import Encoding
 from tests.e2e.proxy import CuttableProxy
+from tests.support import eventually
 
 STREAM = 5000
 
@@ -23,11 +24,6 @@ async def logged_seqs(client: Client, key: str, session_id: str) -> list[int]:
             return seqs
 
 
-async def wait_until(predicate, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def test_random_cuts_during_a_long_stream(supervisor):
@@ -46,7 +42,7 @@ async def test_random_cuts_during_a_long_stream(supervisor):
                 proxy.cut()
             await turn
             expected = await logged_seqs(direct, "cut-stream", sid)
-            await wait_until(lambda: received and received[-1] >= expected[-1], 30)
+            await eventually(lambda: received and received[-1] >= expected[-1], 30)
             print(f"\n{proxy.cuts} cuts, {conn.reconnects} reconnects, {len(received)} events, "
                   f"{conn.repeats} repeats dropped")
             assert len(expected) >= STREAM
@@ -66,7 +62,7 @@ async def test_supervisor_kill_9_mid_stream_then_resume(make_supervisor):
         conn.on("sessionEvent", lambda p: received.append(p["seq"]))
         sid = (await client.action("vm", "kill-9", "createSession", "local", {}))["sessionId"]
         turn = asyncio.create_task(client.action("vm", "kill-9", "sendPrompt", sid, f"chunks: {STREAM}"))
-        await wait_until(lambda: len(received) > 500, 30)
+        await eventually(lambda: len(received) > 500, 30)
         sup.stop(signal.SIGKILL)
         try:
             await turn
@@ -74,7 +70,7 @@ async def test_supervisor_kill_9_mid_stream_then_resume(make_supervisor):
             pass  # the turn dies with its worker; its committed events must survive
         sup.start()
         expected = await logged_seqs(client, "kill-9", sid)
-        await wait_until(lambda: received and received[-1] >= expected[-1], 30)
+        await eventually(lambda: received and received[-1] >= expected[-1], 30)
         print(f"\nreceived {len(received)} of {len(expected)} logged events after kill -9, "
               f"{conn.reconnects} reconnects")
         assert 500 < len(expected)
@@ -83,7 +79,7 @@ async def test_supervisor_kill_9_mid_stream_then_resume(make_supervisor):
         # And the stream goes on live after the restart.
         await client.action("vm", "kill-9", "sendPrompt", sid, "chunks: 10")
         expected = await logged_seqs(client, "kill-9", sid)
-        await wait_until(lambda: received[-1] >= expected[-1], 30)
+        await eventually(lambda: received[-1] >= expected[-1], 30)
         assert received == expected
         await conn.close()
 
@@ -96,7 +92,7 @@ async def test_a_recreated_log_is_reported_not_skipped(make_supervisor):
         conn.on("sessionEvent", received.append)
         sid = (await client.action("vm", "epochs", "createSession", "local", {}))["sessionId"]
         await client.action("vm", "epochs", "sendPrompt", sid, "chunks: 20")
-        await wait_until(lambda: len(received) >= 21, 10)
+        await eventually(lambda: len(received) >= 21, 10)
         old_epoch = received[-1]["epoch"]
         await conn.close()
         sup.stop()
@@ -111,10 +107,10 @@ async def test_a_recreated_log_is_reported_not_skipped(make_supervisor):
         conn2.cursors["sessionEvent"], conn2.epoch = received[-1]["seq"], old_epoch
         fresh: list[dict] = []
         conn2.on("sessionEvent", fresh.append)
-        await wait_until(lambda: conn2.errors and fresh, 10)
+        await eventually(lambda: conn2.errors and fresh, 10)
         assert conn2.errors[0].code.value == "actor.epoch_changed"
         new_log = await client.action("vm", "epochs", "replayEvents", {"names": ["sessionEvent"]})
-        await wait_until(lambda: len(fresh) >= len(new_log["events"]), 10)
+        await eventually(lambda: len(fresh) >= len(new_log["events"]), 10)
         assert [e["seq"] for e in fresh] == [e["seq"] for e in new_log["events"]]
         assert new_log["epoch"] != old_epoch and fresh[0]["epoch"] == new_log["epoch"]
         await conn2.close()

@@ -13,6 +13,7 @@ import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
+from tests.support import eventually
 
 
 async def admin_actor(url: str, key: str) -> dict:
@@ -20,15 +21,6 @@ async def admin_actor(url: str, key: str) -> dict:
         return next(a for a in (await resp.json())["actors"] if a["key"] == key)
 
 
-async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
 
 
 async def replay_all(client: Client, key: str) -> list[dict]:
@@ -50,14 +42,14 @@ async def test_worker_killed_mid_turn(supervisor):
         sid = (await conn.call("createSession", "local", {}))["sessionId"]
         pid = (await conn.call("getRuntimeHealth"))["pid"]
         turn = asyncio.create_task(conn.call("sendPrompt", sid, "working on it\nrun: sleep 60"))
-        await wait_for(lambda: asyncio.sleep(0, any(
+        await eventually(lambda: any(
             n == "sessionEvent" and p["event"]["params"]["update"]["sessionUpdate"] == "tool_call"
-            for n, p in received)))
+            for n, p in received))
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(ActorvisorError) as info:
             await asyncio.wait_for(turn, 10)
         assert info.value.code is ErrorCode.WORKER_CRASHED
-        shutdown = await wait_for(lambda: asyncio.sleep(0, [p for n, p in received if n == "vmShutdown"]))
+        shutdown = await eventually(lambda: [p for n, p in received if n == "vmShutdown"])
         assert shutdown[0]["reason"] == "crash"
 
         # The next action starts a new worker; everything committed is replayable,
@@ -80,7 +72,7 @@ async def test_crash_loop_marks_actor_failed_and_spares_others(supervisor):
         for _ in range(6):
             pid = (await client.action("vm", "crashy", "getRuntimeHealth"))["pid"]
             os.kill(pid, signal.SIGKILL)
-            await wait_for(lambda: _state_in(supervisor.url, "crashy", {"crashed", "failed"}))
+            await eventually(lambda: _state_in(supervisor.url, "crashy", {"crashed", "failed"}))
         assert (await admin_actor(supervisor.url, "crashy"))["state"] == "failed"
         with pytest.raises(ActorvisorError) as info:
             await client.action("vm", "crashy", "getRuntimeHealth")
@@ -110,7 +102,7 @@ async def test_stopped_worker_is_declared_hung_and_replaced(make_supervisor):
         with pytest.raises(ActorvisorError) as info:
             await asyncio.wait_for(pending, 15)
         assert info.value.code is ErrorCode.WORKER_CRASHED
-        await wait_for(lambda: asyncio.sleep(0, shutdowns))
+        await eventually(lambda: shutdowns)
         assert shutdowns[0]["reason"] == "hang"
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert (await conn.call("getRuntimeHealth"))["pid"] != pid
@@ -132,8 +124,8 @@ async def test_supervisor_sigkill_leaves_no_worker_or_sandbox(supervisor):
     async with Client(supervisor.url) as client:
         running = [asyncio.create_task(client.action("vm", f"orphan-{i}", "exec", "sleep 120", {}))
                    for i in range(3)]
-        await wait_for(lambda: asyncio.sleep(0, sum(
-            p.name() == "sleep" for p in psutil.Process(supervisor.proc.pid).children(recursive=True)) >= 3))
+        await eventually(lambda: sum(
+            p.name() == "sleep" for p in psutil.Process(supervisor.proc.pid).children(recursive=True)) >= 3)
         tree = [p.pid for p in psutil.Process(supervisor.proc.pid).children(recursive=True)]
         assert len(tree) >= 3 * 3  # worker, bwrap, sleep per actor (+ the zygote)
         supervisor.proc.kill()
@@ -157,7 +149,7 @@ async def test_sigterm_drains_cleanly(make_supervisor, boot_delay):
                 await client.action("vm", key, "exec", "true", {})
         else:
             conns = [await client.connect("vm", key, reconnect=False) for key in keys]
-            await wait_for(lambda: asyncio.sleep(0, len(sup.worker_pids()) >= 4))
+            await eventually(lambda: len(sup.worker_pids()) >= 4)
         tree = [sup.proc.pid, *sup.worker_pids()]
         started = time.monotonic()
         rc = sup.stop(signal.SIGTERM, timeout=20)
@@ -180,7 +172,7 @@ async def test_idle_actor_sleeps_and_wakes_with_everything(make_supervisor):
         await client.action("vm", "sleepy", "sendPrompt", sid, "write /workspace/keep.txt: kept")
         before = await client.action("vm", "sleepy", "getSessionEvents", sid, {})
         pid = (await client.action("vm", "sleepy", "getRuntimeHealth"))["pid"]
-        await wait_for(lambda: _state_in(sup.url, "sleepy", {"stopped"}), timeout=15)
+        await eventually(lambda: _state_in(sup.url, "sleepy", {"stopped"}), timeout=15)
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
         assert await client.action("vm", "sleepy", "readFile", "/workspace/keep.txt") == b"kept"

@@ -34,16 +34,9 @@ from protocol.worker import (
     decode,
     encode,
 )
+from tests.support import descendants
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    """Live descendants of `pid` (tests assert the worker leaves none)."""
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 @dataclass

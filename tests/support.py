@@ -1,0 +1,147 @@
+"""What the tests (and the benchmarks) use to run real actorvisor processes.
+
+`SupervisorProc` starts `actorvisor run` in a temp state dir on a free loopback port, as
+a process-group leader, and stops it so that nothing of ours is left: the supervisor
+leads its own process group and each worker leads another, so teardown kills them by
+group. `eventually` waits for a condition without a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# `python -c SOCKET_ACTIVATE FD python-args...`: put FD at 3 and exec the supervisor with
+# LISTEN_PID/LISTEN_FDS set for itself, as systemd does for a socket-activated service.
+SOCKET_ACTIVATE = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@dataclass
+class SupervisorProc:
+    """A running `actorvisor run` in a temp state dir."""
+
+    state_dir: Path
+    port: int
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    seen_pids: set[int] = field(default_factory=set)
+    log_path: Path | None = None
+    listen_socket: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.log_path = self.state_dir.parent / f"supervisor-{len(self.seen_pids)}.log"
+        log = self.log_path.open("ab")
+        argv = ["-m", "supervisor.cli", "run", "--listen", f"127.0.0.1:{self.port}",
+                "--state-dir", str(self.state_dir), "--runtime-dir", str(self.state_dir.parent / "run"),
+                *self.args]
+        pass_fds: tuple[int, ...] = ()
+        if self.listen_socket is not None:
+            # systemd socket activation, as the unit's actorvisor.socket does it: the
+            # listening socket is ours and outlives each supervisor process.
+            fd = self.listen_socket.fileno()
+            pass_fds = (fd,)
+            argv = ["-c", SOCKET_ACTIVATE, str(fd), *argv]
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=pass_fds,
+        )
+        log.close()
+        self.seen_pids.add(self.proc.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"supervisor exited early:\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=0.5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"supervisor did not serve within {timeout}s:\n{self.logs()}")
+
+    def hold_socket(self) -> None:
+        """Listen on our port ourselves and hand the socket to every supervisor we start."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(128)
+        self.listen_socket = sock
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in descendants(self.proc.pid)] if self.proc else []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Stop the supervisor; kill whatever of ours is still around afterwards."""
+        if self.proc is None:
+            return None
+        tree = [self.proc.pid, *self.worker_pids()]
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        rc = self.proc.returncode
+        for pid in tree:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc = None
+        return rc
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
+    """Poll `check` (sync, or returning an awaitable) until it gives a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await asyncio.sleep(interval)
