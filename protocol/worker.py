@@ -10,6 +10,7 @@ action produced) are the worker's job: it sends both on one socket, in order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Final
 
 import cbor2
@@ -18,6 +19,19 @@ from .errors import ActorvisorError, ProtocolError
 
 WORKER_PROTOCOL_VERSION: Final = 1
 MAX_WORKER_MESSAGE: Final = 64 * 1024 * 1024
+
+
+class ExitCode(IntEnum):
+    """How a worker process ends; the supervisor reads it when it reaps the worker."""
+
+    OK = 0                 # asked to stop (sleep, shutdown, SIGTERM); vmShutdown is logged
+    FATAL = 1              # the event log failed: persist-then-publish cannot be kept
+    SUPERVISOR_LOST = 3    # nothing heard from the supervisor for --supervisor-timeout;
+                           # vmShutdown{reason: "error"} is logged
+
+
+GOODBYE_LOGGED: Final = frozenset({ExitCode.OK, ExitCode.SUPERVISOR_LOST})
+"""Exit codes after which the worker's own vmShutdown is already in the log."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,7 +290,8 @@ class ActorManager:
             actor_id=actor.id, actor_name=actor.name, actor_key=actor.key,
             endpoint=self._endpoint, state_dir=self._config.state_dir.resolve(),
             boot_delay=self._config.boot_delay, generation=actor.generation,
-            heartbeat_interval=self._config.heartbeat_interval, log_level=self._config.log_level,
+            heartbeat_interval=self._config.heartbeat_interval,
+            supervisor_timeout=self._config.hang_timeout, log_level=self._config.log_level,
             limits=limits,
         )
         try:
@@ -344,6 +345,8 @@ class ActorManager:
             actor.transition(ActorState.FAILED, status=status, restarts=len(actor.restarts))
         else:
             actor.transition(ActorState.CRASHED, status=status, reason=reason.value)
+        if status in wire.GOODBYE_LOGGED:
+            return  # it exited on its own terms and logged its vmShutdown itself
         actor.quiet.clear()
         try:
             await self._record_shutdown(actor, reason)

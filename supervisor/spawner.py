@@ -49,6 +49,7 @@ class WorkerSpec:
     boot_delay: float
     generation: int
     heartbeat_interval: float
+    supervisor_timeout: float
     log_level: str
     limits: dict[str, int] = field(default_factory=dict)
 
@@ -63,6 +64,8 @@ class WorkerSpec:
             "--boot-delay", repr(self.boot_delay),
             "--generation", str(self.generation),
             "--heartbeat-interval", repr(self.heartbeat_interval),
+            # The worker gives up on a silent supervisor as soon as we give up on it.
+            "--supervisor-timeout", repr(self.supervisor_timeout),
             "--log-level", self.log_level,
         ]
 

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Final
 
@@ -31,7 +30,7 @@ import zmq.asyncio
 
 from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
 from protocol.names import EventName, ShutdownReason
-from protocol.worker import Action, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
+from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
 
 from . import logs
 from .actions import Actions
@@ -47,12 +46,6 @@ LINGER_MS: Final = 2000        # for zmq to hand them to the supervisor after cl
 HARD_DEADLINE_S: Final = 20.0  # past this, a wedged shutdown exits anyway
 
 log = structlog.get_logger()
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FATAL = 1              # the event log failed: persist-then-publish cannot be kept
-    SUPERVISOR_LOST = 3    # nothing heard from the supervisor for --supervisor-timeout
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,3 +221,21 @@ async def test_an_action_that_arrives_while_going_to_sleep_wakes_the_actor(super
         assert (await turn)["stopReason"] in ("end_turn", "cancelled")
         logged = await replay_all(client, "drowsy")
         assert [e["args"][0]["reason"] for e in logged if e["name"] == "vmShutdown"] == ["sleep"]
+
+
+async def test_workers_leave_a_supervisor_that_stops_answering(make_supervisor):
+    sup = make_supervisor("--hang-timeout", "2")
+    async with Client(sup.url) as client:
+        pid = (await client.action("vm", "abandoned", "getRuntimeHealth"))["pid"]
+        os.kill(sup.proc.pid, signal.SIGSTOP)
+        try:
+            # The worker hears nothing for --hang-timeout, logs why, and exits by itself.
+            await eventually(lambda: not psutil.pid_exists(pid)
+                             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=15)
+        finally:
+            os.kill(sup.proc.pid, signal.SIGCONT)
+        health = await client.action("vm", "abandoned", "getRuntimeHealth")
+        assert health["pid"] != pid
+        logged = await replay_all(client, "abandoned")
+        # Its own goodbye, once: the supervisor does not add a crash record on top.
+        assert [e["args"][0]["reason"] for e in logged if e["name"] == "vmShutdown"] == ["error"]
