@@ -191,7 +191,10 @@ class ActorManager:
                 raise ActorvisorError(ErrorCode.ACTOR_NOT_FOUND,
                                       f"no {name} actor with key {key[:64]!r}")
             actor_dir.mkdir(parents=True, exist_ok=True)
-            meta.write_text(json.dumps({"name": name, "key": key, "createdAt": time.time()}))
+            # Written whole or not at all: a crash here must not leave an actor unreadable.
+            partial = meta.with_suffix(".tmp")
+            partial.write_text(json.dumps({"name": name, "key": key, "createdAt": time.time()}))
+            partial.replace(meta)
         return self._register(actor_id, name, key, actor_dir)
 
     def exists(self, name: str, key: str) -> bool:
@@ -325,6 +328,8 @@ class ActorManager:
             self._fail_inflight(actor, ActorvisorError(ErrorCode.STOPPED, "the actor was stopped"),
                                 keep={a.id for a in waiting})
             actor.transition(ActorState.STOPPED, status=status, reason=actor.stop_reason)
+            # A sleeping actor keeps no recent events in memory: cursors read its log.
+            actor.relay.ring.clear()
             if waiting and self.accepting:
                 actor.pending.extend(waiting)
                 self.ensure_running(actor)
