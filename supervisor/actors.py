@@ -157,8 +157,10 @@ class Actor:
 
 class ActorManager:
     def __init__(self, config: Config, spawner: Spawner, endpoint: str,
-                 send: Callable[[str, wire.SupervisorToWorker], bool]) -> None:
+                 send: Callable[[str, wire.SupervisorToWorker], bool],
+                 input_pending: Callable[[], bool] = lambda: False) -> None:
         self._config = config
+        self._input_pending = input_pending
         self._spawner = spawner
         self._endpoint = endpoint
         self._send = send
@@ -432,6 +434,8 @@ class ActorManager:
     def tick(self) -> None:
         """Once per heartbeat interval: heartbeat workers, catch hangs, sleep idle actors."""
         now = time.monotonic()
+        # Unread worker frames: our loop is behind, so a worker's silence proves nothing.
+        judge_silence = not self._input_pending()
         for actor in self._actors.values():
             proc = actor.proc
             if proc is None or actor.state is ActorState.STOPPING:
@@ -439,13 +443,14 @@ class ActorManager:
                 continue
             if actor.hello:
                 self._send(actor.id, wire.Heartbeat())
-                if now - actor.last_seen > self._config.hang_timeout:
+                if judge_silence and now - actor.last_seen > self._config.hang_timeout:
                     log.error("worker_hung", actor=actor.id, pid=proc.pid,
                               silent_s=round(now - actor.last_seen, 1))
                     actor.kill_reason = ShutdownReason.HANG
                     proc.signal_group(signal.SIGKILL)
                     continue
-            elif actor.started_at is not None and now - actor.started_at > self._config.hello_timeout:
+            elif (judge_silence and actor.started_at is not None
+                  and now - actor.started_at > self._config.hello_timeout):
                 log.error("worker_silent_at_start", actor=actor.id, pid=proc.pid)
                 actor.kill_reason = ShutdownReason.HANG
                 proc.signal_group(signal.SIGKILL)

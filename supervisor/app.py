@@ -73,7 +73,8 @@ class Supervisor:
         self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
-        self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send)
+        self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
+                                    self.hub.input_pending)
         self.gateway = Gateway(self.manager, config)
         self.app = web.Application(client_max_size=config.max_message_size + 1024)
         self.app.add_routes(self.gateway.routes())

@@ -57,7 +57,7 @@ class Config:
     # Workers and their supervision.
     spawner: str = "zygote"            # or "subprocess"
     heartbeat_interval: float = 1.0
-    hang_timeout: float = 5.0          # no traffic at all from a worker for this long: hung
+    hang_timeout: float = 10.0         # no traffic at all from a worker for this long: hung
     hello_timeout: float = 30.0        # a started worker must say hello within this
     sleep_after: float = 300.0         # idle actors (no connection, no action) sleep
     stop_timeout: float = 10.0         # graceful drain budget on SIGTERM

@@ -54,6 +54,10 @@ class WorkerHub:
             return False
         return True
 
+    def input_pending(self) -> bool:
+        """Frames are waiting to be read: any silence seen now is ours, not a worker's."""
+        return bool(int(self._sock.get(zmq.EVENTS)) & zmq.POLLIN)
+
     async def _recv_loop(self) -> None:
         received = 0
         while True:

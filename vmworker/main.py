@@ -146,7 +146,7 @@ class Worker:
         writer_task = asyncio.create_task(self.outbox.run(), name="outbox")
         background = [
             asyncio.create_task(self._receive(sock), name="receive"),
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._heartbeat(sock), name="heartbeat"),
         ]
         boot_task = asyncio.create_task(self._boot(), name="boot")
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
@@ -267,13 +267,15 @@ class Worker:
         self.log.debug("action_done", action=action.name, id=action.id,
                        ms=round((time.monotonic() - started) * 1000, 1))
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, sock: zmq.asyncio.Socket) -> None:
         cfg = self.config
         while True:
             await asyncio.sleep(min(cfg.heartbeat_interval_s, cfg.supervisor_timeout_s / 2))
             self.outbox.send(Heartbeat())
             silent_for = time.monotonic() - self._last_heard
-            if silent_for > cfg.supervisor_timeout_s:
+            # Frames already waiting mean the supervisor spoke and we were the slow one
+            # (a starved CPU, not a silent supervisor): let the receive loop catch up.
+            if silent_for > cfg.supervisor_timeout_s and not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 self.log.warning("supervisor_lost", silent_s=round(silent_for, 1))
                 self.request_stop(ShutdownReason.ERROR, ExitCode.SUPERVISOR_LOST)
                 return
