@@ -64,7 +64,7 @@ from .base import (
 )
 from .history import META, add_user_blocks, add_user_text, rebuild
 
-DEFAULT_MODEL: Final = "claude-sonnet-5"
+DEFAULT_MODEL: Final = "claude-sonnet-5-5"  # the newest Sonnet the installed SDK lists
 DEFAULT_MAX_TOKENS: Final = 16_384
 DEFAULT_MAX_RETRIES: Final = 4
 DEFAULT_PERMISSION_TIMEOUT_S: Final = 300.0
