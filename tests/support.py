@@ -9,6 +9,7 @@ group. `eventually` waits for a condition without a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import os
 import signal
@@ -34,6 +35,13 @@ os.dup2(int(sys.argv[1]), 3)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
+
+
+def _die_with_this_process() -> None:
+    """In the child: SIGTERM when the test process dies, even if it never reaches teardown
+    (killed by a timeout, say); the supervisor then drains and takes its workers along."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -81,7 +89,7 @@ class SupervisorProc:
             argv = ["-c", SOCKET_ACTIVATE, str(fd), *argv]
         self.proc = subprocess.Popen(
             [sys.executable, *argv], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, pass_fds=pass_fds,
+            start_new_session=True, pass_fds=pass_fds, preexec_fn=_die_with_this_process,
         )
         log.close()
         self.seen_pids.add(self.proc.pid)
