@@ -100,7 +100,6 @@ class Gateway:
         self.max_message_size = config.max_message_size
         self.connections: set[Connection] = set()
         self.connections_total = 0
-        self.setup_latency_ms: list[float] = []
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -142,7 +141,6 @@ class Gateway:
     # ---- WebSocket -----------------------------------------------------------------
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
         opened_at = time.monotonic()
         ws = web.WebSocketResponse(protocols=("rivet",), max_msg_size=4 * self.max_message_size,
                                    heartbeat=30.0)
@@ -173,8 +171,6 @@ class Gateway:
                           transport=request.transport)
         conn.send(Init(actor.id, conn.id))
         conn.writer = asyncio.create_task(conn.run_writer(), name=f"writer-{conn.id}")
-        self.setup_latency_ms.append((time.perf_counter() - started) * 1000)
-        del self.setup_latency_ms[:-1000]
         self.connections.add(conn)
         self.connections_total += 1
         actor.connections.add(conn)

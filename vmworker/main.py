@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
-from protocol.names import EventName, ShutdownReason
+from protocol.names import EventName, ShutdownReason, WorkerPhase
 from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
 
 from . import logs
@@ -37,7 +37,7 @@ from .actions import Actions
 from .eventlog import EventLog, EventReader
 from .outbox import Outbox
 from .sessions import SessionLog, SessionManager
-from .vm import Vm, VmPhase
+from .vm import Vm
 
 PR_SET_PDEATHSIG: Final = 1
 ACTION_GRACE_S: Final = 2.0    # for in-flight actions to reply before they are cancelled
@@ -130,7 +130,7 @@ class Worker:
 
         self.outbox = Outbox(event_log, sock.send, writer)
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
-        self.outbox.send(Phase(VmPhase.BOOTING.value))
+        self.outbox.send(Phase(WorkerPhase.BOOTING.value))
         self.vm = Vm(cfg.actor_dir, cfg.boot_delay_s)
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
                                        SessionLog(self.outbox, reader, reader_pool))
@@ -181,7 +181,7 @@ class Worker:
     async def _shutdown(self, boot_task: asyncio.Task[None], writer_task: asyncio.Task[None]) -> None:
         reason = self._stop_reason
         self.log.info("worker_stopping", reason=reason.value)
-        self.outbox.send(Phase(VmPhase.STOPPING.value, {"reason": reason.value}))
+        self.outbox.send(Phase(WorkerPhase.STOPPING.value, {"reason": reason.value}))
         await self._stop_work(boot_task)
         self.outbox.append_nowait(EventName.VM_SHUTDOWN.value, {"reason": reason.value})
         flush = asyncio.create_task(self.outbox.flush())
@@ -196,7 +196,7 @@ class Worker:
         self._stopping = True
         boot_task.cancel()
         await asyncio.gather(boot_task, return_exceptions=True)
-        self.vm.phase = VmPhase.STOPPING
+        self.vm.phase = WorkerPhase.STOPPING
         self.sessions.cancel_all()
         if self._actions_running:
             await asyncio.wait(self._actions_running, timeout=ACTION_GRACE_S)
@@ -211,10 +211,10 @@ class Worker:
             boot_ms = await self.vm.boot()
         except Exception as exc:
             self.log.error("vm_boot_failed", error=self.vm.boot_error, exc_info=exc)
-            self.outbox.send(Phase(VmPhase.FAILED.value, {"error": self.vm.boot_error}))
+            self.outbox.send(Phase(WorkerPhase.FAILED.value, {"error": self.vm.boot_error}))
             return
         await self.outbox.append(EventName.VM_BOOTED.value, {"bootMs": boot_ms})
-        self.outbox.send(Phase(VmPhase.READY.value, {"bootMs": boot_ms}))
+        self.outbox.send(Phase(WorkerPhase.READY.value, {"bootMs": boot_ms}))
         self.log.info("vm_ready", boot_ms=boot_ms)
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:

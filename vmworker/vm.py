@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,23 +23,12 @@ from .vmfs import WORKSPACE, VmFs, VmPath, normalize
 DEFAULT_EXEC_TIMEOUT_S: Final = 60.0
 
 
-class VmPhase(StrEnum):
-    """The VM's phases as reported in `phase` messages and `getRuntimeHealth`.
-
-    Mirrors `protocol.names.WorkerPhase`, which has no member for a failed boot yet."""
-
-    BOOTING = WorkerPhase.BOOTING.value
-    READY = WorkerPhase.READY.value
-    FAILED = "failed"
-    STOPPING = WorkerPhase.STOPPING.value
-
-
 class Vm:
     def __init__(self, actor_dir: Path, boot_delay_s: float) -> None:
         self.paths = SandboxPaths.for_actor(actor_dir)
         self.fs = VmFs(self.paths.root)
         self.sandbox = Sandbox(self.paths)
-        self.phase = VmPhase.BOOTING
+        self.phase = WorkerPhase.BOOTING
         self.booted = False
         self.boot_error: str | None = None
         self._boot_delay_s = boot_delay_s
@@ -63,11 +51,11 @@ class Vm:
                 )
         except Exception as exc:
             self.boot_error = str(exc) or type(exc).__name__
-            self.phase = VmPhase.FAILED
+            self.phase = WorkerPhase.FAILED
             self._settled.set()
             raise
         self.booted = True
-        self.phase = VmPhase.READY
+        self.phase = WorkerPhase.READY
         self._settled.set()
         return round((time.monotonic() - started) * 1000)
 
