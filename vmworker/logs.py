@@ -117,7 +117,10 @@ def configure(level: str, *, json: bool | None = None) -> None:
     structlog.configure(
         processors=[*shared, exceptions, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # WriteLogger writes message + "\n" in one call; PrintLogger's print() writes them
+        # apart, and under PYTHONUNBUFFERED another process sharing stderr (supervisor,
+        # zygote, workers) can land its line between the two.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         # Loggers are bound once per actor/connection and then reused; caching keeps the
         # per-event cost to the processors alone.
         cache_logger_on_first_use=True,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 from vmworker.logs import REDACTED, JournalPrefixed, RedactSecrets, stderr_is_journal
@@ -47,3 +49,33 @@ def test_journal_stream_is_recognised_only_when_it_is_our_stderr():
     assert stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert not stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
     assert not stderr_is_journal({})
+
+
+WRITER = """
+import sys
+import structlog
+from vmworker import logs
+logs.configure("info", json=True)
+log = structlog.get_logger().bind(writer=sys.argv[1])
+for i in range(int(sys.argv[2])):
+    log.info("line", i=i, pad="x" * 200)
+"""
+
+
+def test_processes_sharing_stderr_never_interleave_within_a_line(tmp_path):
+    # Supervisor, zygote and workers share one stderr (the journal stream). With
+    # PYTHONUNBUFFERED a line written as message + "\n" in two writes can be split by
+    # another process's line; each line must reach the stream in a single write.
+    out = tmp_path / "shared.log"
+    lines_each, writers = 3000, 4
+    with out.open("wb") as shared:
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(n), str(lines_each)],
+                                  stderr=shared, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                 for n in range(writers)]
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    seen: dict[str, list[int]] = {str(n): [] for n in range(writers)}
+    for line in out.read_text().splitlines():
+        record = json.loads(line)
+        seen[record["writer"]].append(record["i"])
+    assert all(got == list(range(lines_each)) for got in seen.values())
