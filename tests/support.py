@@ -57,6 +57,19 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+# A duration no other process on the machine sleeps for. Commands started inside a VM
+# leave the worker's process tree (bwrap forks them in their own PID namespace), so a
+# test that checks "nothing was left behind" has to scan the whole process table; this
+# token keeps that scan to the sleeps the tests themselves started.
+LONG_SLEEP = f"300.{os.getpid()}{int(time.time() * 1000) % 10**6:06d}"
+
+
+def leftover_sleeps() -> list[psutil.Process]:
+    """Processes still running `sleep LONG_SLEEP`, wherever they ended up."""
+    return [proc for proc in psutil.process_iter(["cmdline"])
+            if (proc.info["cmdline"] or [])[:2] == ["sleep", LONG_SLEEP]]
+
+
 @dataclass
 class SupervisorProc:
     """A running `actorvisor run` in a temp state dir."""

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from protocol.errors import ActorvisorError, ErrorCode
+from tests.support import LONG_SLEEP, leftover_sleeps
 from vmworker.sandbox import MAX_OUTPUT_BYTES, Sandbox, SandboxPaths, bwrap_argv, prepare
 
 
@@ -120,36 +121,36 @@ async def test_exit_code_and_output_cap(sandbox: Sandbox) -> None:
 async def test_timeout_kills_the_whole_tree(sandbox: Sandbox) -> None:
     started = time.monotonic()
     with pytest.raises(ActorvisorError) as info:
-        await sh(sandbox, "sleep 300 & sleep 301 & echo started; wait", timeout_s=0.5)
+        await sh(sandbox, f"sleep {LONG_SLEEP} & sleep {LONG_SLEEP} & echo started; wait", timeout_s=0.5)
     assert info.value.code is ErrorCode.ACTION_TIMEOUT
     assert info.value.metadata["stdout"] == "started\n"
     assert time.monotonic() - started < 5
     await asyncio.sleep(0.2)
-    assert not _sleepers()
+    assert not leftover_sleeps()
 
 
 async def test_cancelling_the_caller_kills_the_command(sandbox: Sandbox) -> None:
-    task = asyncio.create_task(sh(sandbox, "sleep 302"))
+    task = asyncio.create_task(sh(sandbox, f"sleep {LONG_SLEEP}"))
     await asyncio.sleep(0.3)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await asyncio.sleep(0.2)
-    assert not _sleepers()
+    assert not leftover_sleeps()
 
 
 async def test_cancelling_at_any_moment_of_start_up_leaves_nothing(sandbox: Sandbox) -> None:
     # The sandbox's init is tied to bwrap only once it has set --die-with-parent; a
     # cancel in the first milliseconds must not leave it (and its command) behind.
     for step in range(20):
-        task = asyncio.create_task(sandbox.run(["sleep", "304"]))
+        task = asyncio.create_task(sandbox.run(["sleep", LONG_SLEEP]))
         await asyncio.sleep(step * 0.001)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     for _ in range(50):
-        if not _sleepers():
+        if not leftover_sleeps():
             break
         await asyncio.sleep(0.1)
-    assert not _sleepers()
+    assert not leftover_sleeps()
     assert not _bwraps_of_this_test(sandbox)
 
 
@@ -160,16 +161,7 @@ def _bwraps_of_this_test(sandbox: Sandbox) -> list[psutil.Process]:
 
 
 async def test_background_process_does_not_outlive_its_command(sandbox: Sandbox) -> None:
-    code, _, _ = await sh(sandbox, "(sleep 303 >/dev/null 2>&1 &); echo done", timeout_s=10)
+    code, _, _ = await sh(sandbox, f"(sleep {LONG_SLEEP} >/dev/null 2>&1 &); echo done", timeout_s=10)
     assert code == 0
     await asyncio.sleep(0.2)
-    assert not _sleepers()
-
-
-def _sleepers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline[:1] == ["sleep"] and cmdline[1:2] and cmdline[1].startswith("30"):
-            found.append(proc)
-    return found
+    assert not leftover_sleeps()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 
 from protocol.errors import ErrorCode
 from protocol.worker import Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
+from tests.support import LONG_SLEEP, leftover_sleeps
 
 from .harness import WorkerHarness, descendants
 
@@ -77,7 +77,7 @@ async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness:
     await harness.start()
     await harness.wait_event("vmBooted")
     session_id = (await harness.call("createSession", "local"))["sessionId"]
-    exec_task = asyncio.create_task(harness.request("exec", "sleep 300"))
+    exec_task = asyncio.create_task(harness.request("exec", f"sleep {LONG_SLEEP}"))
     prompt_task = asyncio.create_task(harness.request("sendPrompt", session_id, "hi\nsleep: 300"))
     await asyncio.sleep(0.5)
     assert harness.proc is not None
@@ -100,21 +100,9 @@ async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness:
     # The replies went out before vmShutdown.
     assert harness.received.index(prompt) < harness.received.index(shutdown)
     assert descendants(harness.proc.pid) == []
-    assert not [p for p in _all_sleepers() if "300" in p]
+    assert not leftover_sleeps()
 
 
-def _all_sleepers() -> list[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith("sleep "):
-                out.append(cmd)
-    return out
 
 
 async def test_shutdown_means_destroy_and_sigterm_means_sleep(harness: WorkerHarness) -> None:
