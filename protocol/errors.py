@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "actor.overloaded"
     STOPPED = "actor.stopped"
     ACTION_TIMEOUT = "actor.action_timeout"
+    VM_LIMIT = "actor.vm_limit"
     INTERNAL = "actor.internal_error"
     INVALID_MESSAGE = "protocol.invalid_message"
     MESSAGE_TOO_LARGE = "protocol.message_too_large"

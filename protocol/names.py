@@ -36,6 +36,7 @@ class EventName(StrEnum):
     PERMISSION_RESOLVED = "permissionResolved"
     VM_BOOTED = "vmBooted"
     VM_SHUTDOWN = "vmShutdown"
+    VM_LIMIT = "vmLimit"
 
 
 class AgentType(StrEnum):

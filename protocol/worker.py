@@ -28,9 +28,11 @@ class ExitCode(IntEnum):
     FATAL = 1              # the event log failed: persist-then-publish cannot be kept
     SUPERVISOR_LOST = 3    # nothing heard from the supervisor for --supervisor-timeout;
                            # vmShutdown{reason: "error"} is logged
+    VM_LOST = 4            # the VM's init died under the worker; vmShutdown{reason: "error"}
+                           # is logged and the next action starts a new worker and VM
 
 
-GOODBYE_LOGGED: Final = frozenset({ExitCode.OK, ExitCode.SUPERVISOR_LOST})
+GOODBYE_LOGGED: Final = frozenset({ExitCode.OK, ExitCode.SUPERVISOR_LOST, ExitCode.VM_LOST})
 """Exit codes after which the worker's own vmShutdown is already in the log."""
 
 

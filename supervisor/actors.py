@@ -37,6 +37,7 @@ import structlog
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
+from vmworker import vmroot
 from vmworker.eventlog import EventLog, EventRecord, now_ms
 
 from . import metrics
@@ -169,6 +170,8 @@ class ActorManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.actions_total = 0
+        # Every VM's limits and identity range, completed for this host (VmSettings.to_arg).
+        self.vm_settings = ""
 
     # ---- registry ------------------------------------------------------------------
 
@@ -297,7 +300,7 @@ class ActorManager:
             boot_delay=self._config.boot_delay, generation=actor.generation,
             heartbeat_interval=self._config.heartbeat_interval,
             supervisor_timeout=self._config.hang_timeout, log_level=self._config.log_level,
-            limits=limits,
+            limits=limits, vm_settings=self.vm_settings,
         )
         try:
             proc = await self._spawner.spawn(spec)
@@ -496,6 +499,7 @@ class ActorManager:
             conn.close_soon(1000, "actor.not_found")
         self._actors.pop(actor.id, None)
         await asyncio.to_thread(shutil.rmtree, actor.dir, True)
+        await asyncio.to_thread(vmroot.release_identity, self._config.state_dir, actor.id)
         log.info("actor_destroyed", actor=actor.id, key=actor.key)
 
     async def stop_all(self, timeout: float) -> None:

@@ -30,6 +30,8 @@ from aiohttp import WSCloseCode, web
 from protocol import worker as wire
 from protocol.errors import ActorvisorError
 from protocol.names import ShutdownReason
+from vmworker.cgroups import CgroupRoot
+from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
 from .actors import Actor, ActorManager, ActorState
@@ -64,6 +66,29 @@ def session_counts(db_paths: list[Path]) -> list[tuple[int, int] | None]:
     return counts
 
 
+class VmHostError(Exception):
+    """This host cannot contain VMs as configured; the message says what to do."""
+
+
+def prepare_vms(config: Config) -> VmSettings:
+    """Make the state dir private and this host ready for VMs; refuse, unless configured
+    `unsafe_no_limits`, when a VM could not be held to its limits here."""
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config.state_dir.chmod(0o700)
+    wanted = VmSettings(memory_mb=config.vm_memory_mb, pids=config.vm_pids, cpus=config.vm_cpus,
+                        disk_mb=config.vm_disk_mb, shm_mb=config.vm_shm_mb,
+                        uid_base=config.vm_uid_base, unsafe_no_limits=config.unsafe_no_limits)
+    try:
+        settings, missing = wanted.for_host(config.state_dir)
+    except (ValueError, RuntimeError) as exc:
+        raise VmHostError(str(exc)) from None
+    if missing and not config.unsafe_no_limits:
+        raise VmHostError(refusal(missing))
+    if missing:
+        log.warning("vm_limits_unavailable_running_unsafe", missing=missing)
+    return settings
+
+
 class Supervisor:
     def __init__(self, config: Config, spawner: Spawner | None = None,
                  notifier: Notifier | None = None) -> None:
@@ -75,6 +100,8 @@ class Supervisor:
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
                                     self.hub.input_pending)
+        self.vm_settings = prepare_vms(config)
+        self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
         self.app = web.Application(client_max_size=config.max_message_size + 1024)
         self.app.add_routes(self.gateway.routes())
@@ -210,6 +237,8 @@ class Supervisor:
             self._collector = None
         if self._owns_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self.vm_settings.cgroup_root is not None:
+            await asyncio.to_thread(CgroupRoot.from_arg(self.vm_settings.cgroup_root).remove)
         log.info("supervisor_stopped")
         self.notifier.close()
 

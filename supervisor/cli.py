@@ -54,7 +54,7 @@ def _jsonable(value: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from vmworker.logs import configure
 
-    from .app import Supervisor
+    from .app import Supervisor, VmHostError
 
     overrides: dict[str, Any] = {}
     if args.listen:
@@ -68,14 +68,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.log_level:
         overrides["log_level"] = args.log_level
     for name in ("spawner", "sleep_after", "stop_timeout", "hang_timeout", "worker_memory_mb",
-                 "worker_open_files", "implicit_cursor_grace", "ring_size", "conn_queue_bytes"):
+                 "worker_open_files", "implicit_cursor_grace", "ring_size", "conn_queue_bytes",
+                 "vm_memory_mb", "vm_pids", "vm_cpus", "vm_disk_mb", "unsafe_no_limits"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     configure(config.log_level)
     # systemd's watchdog sends SIGABRT to a hung service: print every thread's stack first.
     faulthandler.enable()
-    return asyncio.run(Supervisor(config).run())
+    # Event logs, disk images and everything else under the state dir: the service's alone.
+    os.umask(0o077)
+    try:
+        supervisor = Supervisor(config)
+    except VmHostError as err:
+        print(f"actorvisor: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(supervisor.run())
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -191,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="implicit cursor grace window in seconds (default 1; 0 turns it off)")
     run.add_argument("--ring-size", type=int, help="recent events kept in memory per actor")
     run.add_argument("--conn-queue-bytes", type=int, help="outbound bytes a connection may queue")
+    run.add_argument("--vm-memory-mb", type=int, help="memory of each whole VM (default 2048)")
+    run.add_argument("--vm-pids", type=int, help="processes and threads per VM (default 1024)")
+    run.add_argument("--vm-cpus", type=float, help="CPU quota per VM, in cores (default 1.0)")
+    run.add_argument("--vm-disk-mb", type=int,
+                     help="disk of each VM: /workspace, /home and /tmp together (default 4096)")
+    run.add_argument("--unsafe-no-limits", action="store_true", default=None,
+                     help="run VMs even where their limits cannot be applied (not root, no "
+                          "cgroups); never on a shared host")
 
     top = sub.add_parser("top", help="live dashboard of the supervisor and every worker")
     top.add_argument("--url", default=_default_url())

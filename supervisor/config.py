@@ -75,6 +75,14 @@ class Config:
     implicit_cursor_grace: float = 1.0
     implicit_cursor_window: float = 10.0
     log_level: str = "info"
+    # Every VM's bounds (vmworker.vm.VmSettings): the whole VM, not per process.
+    vm_memory_mb: int = 2048
+    vm_pids: int = 1024
+    vm_cpus: float = 1.0
+    vm_disk_mb: int = 4096
+    vm_shm_mb: int = 64
+    vm_uid_base: int = 0x70000000
+    unsafe_no_limits: bool = False     # run VMs even where these bounds cannot be applied
 
     @property
     def listen(self) -> str:

@@ -52,6 +52,7 @@ class WorkerSpec:
     supervisor_timeout: float
     log_level: str
     limits: dict[str, int] = field(default_factory=dict)
+    vm_settings: str = ""   # vmworker.vm.VmSettings.to_arg()
 
     def worker_args(self) -> list[str]:
         """Arguments of `python -m vmworker`, whichever way the process is made."""
@@ -67,6 +68,7 @@ class WorkerSpec:
             # The worker gives up on a silent supervisor as soon as we give up on it.
             "--supervisor-timeout", repr(self.supervisor_timeout),
             "--log-level", self.log_level,
+            *(["--vm-settings", self.vm_settings] if self.vm_settings else []),
         ]
 
 

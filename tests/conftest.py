@@ -15,6 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.support import SupervisorProc, free_port
+from vmworker import vmroot
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In-process VMs (tests/vmworker) mount their disks as a worker does: in a mount
+    # namespace of this process's own, entered before any thread exists.
+    if os.geteuid() == 0:
+        vmroot.enter_private_mount_namespace()
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from typing import Any
 
 import psutil
 
+from vmworker.vm import VmSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # `python -c SOCKET_ACTIVATE FD python-args...`: put FD at 3 and exec the supervisor with
@@ -42,6 +44,14 @@ def _die_with_this_process() -> None:
     (killed by a timeout, say); the supervisor then drains and takes its workers along."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def vm_settings(state_dir: Path, **limits: int | float) -> VmSettings:
+    """VM settings completed for this host as the supervisor does, for a worker or an
+    in-process VM a test starts. Small disks: each VM made here gets one."""
+    settings, missing = VmSettings(**{"disk_mb": 64, **limits}).for_host(state_dir)  # type: ignore[arg-type]
+    assert not missing, missing
+    return settings
 
 
 def free_port() -> int:

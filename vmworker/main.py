@@ -32,12 +32,12 @@ from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
 from protocol.names import EventName, ShutdownReason, WorkerPhase
 from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
 
-from . import logs
+from . import credentials, logs, vmroot
 from .actions import Actions
 from .eventlog import EventLog, EventReader
 from .outbox import Outbox
 from .sessions import SessionLog, SessionManager
-from .vm import Vm
+from .vm import Vm, VmSettings
 
 PR_SET_PDEATHSIG: Final = 1
 ACTION_GRACE_S: Final = 2.0    # for in-flight actions to reply before they are cancelled
@@ -60,6 +60,7 @@ class Config:
     heartbeat_interval_s: float
     supervisor_timeout_s: float
     log_level: str
+    vm: VmSettings
 
     @property
     def actor_dir(self) -> Path:
@@ -79,6 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--supervisor-timeout", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    parser.add_argument("--vm-settings", type=VmSettings.from_arg, default=VmSettings(),
+                        help="the VM's limits and identity range, as JSON (vm.VmSettings)")
     ns = parser.parse_args(argv)
     # The id names a directory: it must be one plain path component.
     if not ns.actor_id or "/" in ns.actor_id or "\0" in ns.actor_id or ns.actor_id in (".", ".."):
@@ -89,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             parser.error(f"{flag} must be positive")
     return Config(ns.actor_id, ns.actor_name, ns.actor_key, ns.endpoint, ns.state_dir,
                   ns.boot_delay, ns.generation, ns.heartbeat_interval, ns.supervisor_timeout,
-                  ns.log_level)
+                  ns.log_level, ns.vm_settings)
 
 
 def die_with_parent() -> None:
@@ -131,7 +134,8 @@ class Worker:
         self.outbox = Outbox(event_log, sock.send, writer)
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
         self.outbox.send(Phase(WorkerPhase.BOOTING.value))
-        self.vm = Vm(cfg.actor_dir, cfg.boot_delay_s)
+        self.vm = Vm(cfg.actor_dir, cfg.actor_id, cfg.state_dir, cfg.boot_delay_s, cfg.vm,
+                     self._on_limit)
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
                                        SessionLog(self.outbox, reader, reader_pool))
         self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,
@@ -147,6 +151,7 @@ class Worker:
         background = [
             asyncio.create_task(self._receive(sock), name="receive"),
             asyncio.create_task(self._heartbeat(sock), name="heartbeat"),
+            asyncio.create_task(self._watch_vm(), name="watch-vm"),
         ]
         boot_task = asyncio.create_task(self._boot(), name="boot")
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
@@ -167,7 +172,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, writer_task, boot_task, stop_task,
                                  return_exceptions=True)
-            await self.vm.sandbox.kill_all()
+            await self.vm.stop()
             sock.close(linger=LINGER_MS)
             ctx.term()
             await loop.run_in_executor(reader_pool, reader.close)
@@ -203,7 +208,7 @@ class Worker:
         for task in self._actions_running:
             task.cancel()
         await asyncio.gather(*self._actions_running, return_exceptions=True)
-        await self.vm.sandbox.kill_all()
+        await self.vm.stop()
 
     async def _boot(self) -> None:
         self.log.info("vm_booting", boot_delay_s=self.config.boot_delay_s)
@@ -216,6 +221,16 @@ class Worker:
         await self.outbox.append(EventName.VM_BOOTED.value, {"bootMs": boot_ms})
         self.outbox.send(Phase(WorkerPhase.READY.value, {"bootMs": boot_ms}))
         self.log.info("vm_ready", boot_ms=boot_ms)
+
+    def _on_limit(self, kind: str, payload: dict[str, object]) -> None:
+        self.log.warning("vm_limit", **payload)
+        self.outbox.append_nowait(EventName.VM_LIMIT.value, payload)
+
+    async def _watch_vm(self) -> None:
+        await self.vm.lost
+        if not self._stopping:
+            self.log.error("vm_lost", init_pid=self.vm.machine.init_pid if self.vm.machine else None)
+            self.request_stop(ShutdownReason.ERROR, ExitCode.VM_LOST)
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -284,6 +299,11 @@ class Worker:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     logs.configure(config.log_level)
+    credentials.take_from_environment()
+    # Before any thread exists (zmq's, asyncio's executors): the VM's disk is mounted in
+    # a mount namespace of this worker's own.
+    if os.geteuid() == 0 and not vmroot.enter_private_mount_namespace():
+        log.warning("private_mount_namespace_unavailable")
     die_with_parent()
     structlog.contextvars.bind_contextvars(actor=config.actor_id, pid=os.getpid())
     try:

@@ -1,54 +1,145 @@
-"""One actor's VM as the rest of the worker sees it: boot state plus async access.
+"""One actor's VM as the rest of the worker sees it: boot, limits, and async access.
 
-Owns the VM's phase (booting → ready | failed), the boot itself, and the async facade
-over `vmfs` (run in threads) and `sandbox` (subprocesses) that actions and agents share,
-so both apply the same path rules, limits and defaults. It never decides what is sent to
-the supervisor: the caller turns a finished boot into `vmBooted` and a phase message.
+Owns the VM's phase (booting → ready | failed), its boot — identity, disk, cgroup, then
+the long-lived sandbox (`sandbox.Machine`) — its end, the watch on its limits (each hit
+becomes a `vmLimit` report through the caller's `on_limit`), and the async facade over
+`vmfs` and the machine that actions and agents share, so both apply the same path rules,
+limits and defaults. File actions run in threads whose file-system identity is the VM's
+(setfsuid), so the worker touches the VM's files exactly as the VM itself could. It never
+decides what is sent to the supervisor: the caller turns a finished boot into `vmBooted`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import json
+import os
+import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
+
+import structlog
 
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import WorkerPhase
 
-from . import sandbox
-from .sandbox import ExecResult, Sandbox, SandboxPaths
+from . import vminit, vmroot
+from .cgroups import CgroupRoot, Limits, VmCgroup
+from .sandbox import ExecResult, Machine, MachineSpec
 from .vmfs import WORKSPACE, VmFs, VmPath, normalize
 
 DEFAULT_EXEC_TIMEOUT_S: Final = 60.0
+STOP_GRACE_S: Final = 2.0
+LIMIT_POLL_S: Final = 1.0
+# A limit hit is reported at most this often per kind (with the count since the last).
+LIMIT_REPORT_EVERY_S: Final = {"memory": 5.0, "pids": 5.0, "disk": 5.0, "cpu": 60.0}
+DISK_FULL_FRACTION: Final = 0.98
+SYS_SETGROUPS: Final = 116  # x86-64; the raw call changes only the calling thread
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class VmSettings:
+    """What every VM of this service gets; decided by the supervisor, passed to workers."""
+
+    memory_mb: int = 2048
+    pids: int = 1024
+    cpus: float = 1.0
+    disk_mb: int = 4096
+    shm_mb: int = 64
+    uid_base: int = 0x70000000
+    uid_count: int = 1 << 20
+    cgroup_root: str | None = None   # CgroupRoot.to_arg(), None: no cgroups on this host
+    init_binary: str = ""
+    unsafe_no_limits: bool = False
+
+    def to_arg(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_arg(cls, value: str) -> VmSettings:
+        return cls(**json.loads(value))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.memory_mb, self.pids, self.cpus)
+
+    def for_host(self, state_dir: Path) -> tuple[VmSettings, list[str]]:
+        """These settings completed for this host (the VM init built, this service's
+        cgroups made), and what of the VMs' containment this host cannot give.
+
+        Runs once in the supervisor at start, before any worker exists."""
+        for name in ("memory_mb", "pids", "disk_mb", "shm_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"vm {name} must be positive, got {getattr(self, name)}")
+        if not self.cpus > 0:
+            raise ValueError(f"vm cpus must be positive, got {self.cpus}")
+        if shutil.which("bwrap") is None:
+            raise RuntimeError("bubblewrap (bwrap) is not installed; run `make sandbox-deps`")
+        init = vminit.ensure_built(state_dir / "bin")
+        root, why = CgroupRoot.discover(state_dir)
+        missing = []
+        if root is None:
+            missing.append(f"memory, pids and cpu limits: {why}")
+        else:
+            root.remove_stale()
+        if os.geteuid() != 0:
+            missing.append("a disk of bounded size and a host uid of each VM's own: the service "
+                           "is not running as root")
+        done = replace(self, cgroup_root=root.to_arg() if root else None, init_binary=str(init))
+        return done, missing
+
+
+def refusal(missing: list[str]) -> str:
+    return ("VMs cannot be contained here: no " + "; no ".join(missing) + ". Run the service "
+            "as root on a host with cgroups (under systemd: the unit in deploy/), or start it "
+            "with --unsafe-no-limits to run VMs without these limits")
+
+
+def _as_identity(uid: int, gid: int) -> Callable[[], None]:
+    def become() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(SYS_SETGROUPS, 0, None)
+        libc.setfsgid(gid)
+        libc.setfsuid(uid)
+    return become
 
 
 class Vm:
-    def __init__(self, actor_dir: Path, boot_delay_s: float) -> None:
-        self.paths = SandboxPaths.for_actor(actor_dir)
-        self.fs = VmFs(self.paths.root)
-        self.sandbox = Sandbox(self.paths)
+    def __init__(self, actor_dir: Path, actor_id: str, state_dir: Path, boot_delay_s: float,
+                 settings: VmSettings, on_limit: Callable[[str, dict[str, Any]], None]) -> None:
+        self.actor_dir = actor_dir
+        self.actor_id = actor_id
+        self.state_dir = state_dir
+        self.settings = settings
+        self.root = actor_dir / "root"
+        self.fs = VmFs(self.root)
+        self.machine: Machine | None = None
+        self.cgroup: VmCgroup | None = None
         self.phase = WorkerPhase.BOOTING
         self.booted = False
         self.boot_error: str | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._boot_delay_s = boot_delay_s
+        self._on_limit = on_limit
         self._settled = asyncio.Event()
+        self._fs_pool: ThreadPoolExecutor | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._disk_mounted = False
 
     async def boot(self) -> int:
-        """Prepare the root, wait the configured delay, prove the sandbox runs a command.
-
-        Returns the boot time in ms; raises with a readable reason on failure, after
-        which every VM action fails with `actor.failed`."""
+        """Make the VM's identity, disk and cgroup, start its sandbox, prove it runs a
+        command. Returns the boot time in ms; raises with a readable reason on failure,
+        after which every VM action fails with `actor.failed`."""
         started = time.monotonic()
         try:
-            await asyncio.to_thread(sandbox.prepare, self.paths)
-            # Emulates a slow VM image; the worker answers health checks meanwhile.
-            await asyncio.sleep(self._boot_delay_s)
-            probe = await self.sandbox.run(["true"], timeout_s=30.0)
-            if probe.exit_code != 0:
-                raise RuntimeError(
-                    f"sandbox self-test failed (exit {probe.exit_code}): {probe.stderr.strip()[:500]}"
-                )
+            await self._boot()
         except Exception as exc:
             self.boot_error = str(exc) or type(exc).__name__
             self.phase = WorkerPhase.FAILED
@@ -59,31 +150,154 @@ class Vm:
         self._settled.set()
         return round((time.monotonic() - started) * 1000)
 
+    async def _boot(self) -> None:
+        s = self.settings
+        ident = await asyncio.to_thread(vmroot.identity, self.state_dir, self.actor_id,
+                                        s.uid_base, s.uid_count)
+        missing = self._missing_limits(ident)
+        if missing and not s.unsafe_no_limits:
+            raise RuntimeError(refusal(missing))
+        if missing:
+            log.warning("vm_limits_missing", missing=missing)
+        if ident.dedicated:
+            self.root = await asyncio.to_thread(vmroot.mount_disk, self.actor_dir, s.disk_mb, ident)
+            self.fs = VmFs(self.root)
+            self._disk_mounted = True
+        await asyncio.to_thread(vmroot.prepare_dirs, self.root, ident)
+        self._fs_pool = ThreadPoolExecutor(
+            4, thread_name_prefix="vmfs",
+            initializer=_as_identity(ident.uid, ident.gid) if ident.dedicated else None)
+        if s.cgroup_root is not None:
+            self.cgroup = VmCgroup(CgroupRoot.from_arg(s.cgroup_root), self.actor_id)
+            await asyncio.to_thread(self.cgroup.create, s.limits)
+        # Emulates a slow VM image; the worker answers health checks meanwhile.
+        await asyncio.sleep(self._boot_delay_s)
+        spec = MachineSpec(self.root, Path(s.init_binary),
+                           ident.uid if ident.dedicated else None,
+                           ident.gid if ident.dedicated else None, s.shm_mb)
+        self.machine = await Machine.start(spec, self._before_init_runs)
+        self.machine.gone.add_done_callback(self._machine_gone)
+        probe = await self.machine.run(["true"], timeout_s=30.0)
+        if probe.exit_code != 0:
+            raise RuntimeError(f"sandbox self-test failed (exit {probe.exit_code}): "
+                               f"{probe.stderr.strip()[:500]}")
+        self._watch = asyncio.create_task(self._watch_limits(), name="vm-limits")
+
+    def _missing_limits(self, ident: vmroot.Identity) -> list[str]:
+        missing = []
+        if self.settings.cgroup_root is None:
+            missing.append("memory, pids and cpu limits (no writable cgroup hierarchy)")
+        if not ident.dedicated:
+            missing.append("a disk of bounded size and a host uid of the VM's own (the worker "
+                           "is not root)")
+        return missing
+
+    def _before_init_runs(self, init_pid: int) -> None:
+        if self.cgroup is not None:
+            self.cgroup.add(init_pid)
+        # The init must outlive any OOM kill in its VM; the processes it starts reset
+        # their own score to 0 (vminit.c), so the kill lands on the process that grew.
+        try:
+            Path(f"/proc/{init_pid}/oom_score_adj").write_text("-1000")
+        except OSError as exc:
+            # Hosts that withhold CAP_SYS_RESOURCE even from root: the init stays a
+            # candidate, though a small one (its memory is a few pages).
+            log.debug("vm_init_oom_protect_failed", error=str(exc))
+
+    def _machine_gone(self, _: asyncio.Future[None]) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    async def stop(self) -> None:
+        """End the VM: every process of it, its cgroup, its disk mount (idempotent)."""
+        self.phase = WorkerPhase.STOPPING
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self.machine is not None:
+            await self.machine.shutdown(STOP_GRACE_S)
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.destroy)
+        if self._fs_pool is not None:
+            self._fs_pool.shutdown(wait=True)
+            self._fs_pool = None
+        if self._disk_mounted:
+            await asyncio.to_thread(vmroot.unmount_disk, self.root)
+            self._disk_mounted = False
+
+    async def _watch_limits(self) -> None:
+        """Turn limit hits into `vmLimit` reports: the VM keeps running, its owner learns.
+
+        The cgroup's counters (OOM kills, refused forks, throttled CPU periods) are read
+        once a second; a disk that is full counts once each time it fills. Each kind is
+        reported at most once per LIMIT_REPORT_EVERY_S, with the hits since its last report."""
+        s = self.settings
+        bounds = {"memory": s.memory_mb * 1024 * 1024, "pids": s.pids, "cpu": s.cpus,
+                  "disk": s.disk_mb * 1024 * 1024}
+        seen = await asyncio.to_thread(self._counters)
+        hits = dict.fromkeys(bounds, 0)
+        last_report = dict.fromkeys(bounds, float("-inf"))
+        disk_was_full = False
+        while True:
+            await asyncio.sleep(LIMIT_POLL_S)
+            counters = await asyncio.to_thread(self._counters)
+            for kind, value in counters.items():
+                hits[kind] += max(0, value - seen.get(kind, 0))
+            seen = counters
+            disk_full = self._disk_mounted and await asyncio.to_thread(self._disk_full)
+            hits["disk"] += disk_full and not disk_was_full
+            disk_was_full = disk_full
+            now = time.monotonic()
+            for kind, count in hits.items():
+                if count and now - last_report[kind] >= LIMIT_REPORT_EVERY_S[kind]:
+                    self._on_limit(kind, {"kind": kind, "limit": bounds[kind], "count": count})
+                    hits[kind] = 0
+                    last_report[kind] = now
+
+    def _counters(self) -> dict[str, int]:
+        return self.cgroup.counters() if self.cgroup is not None else {}
+
+    def _disk_full(self) -> bool:
+        st = os.statvfs(self.root)
+        return st.f_bavail <= (1.0 - DISK_FULL_FRACTION) * st.f_blocks
+
     async def wait_ready(self) -> None:
         await self._settled.wait()
         if self.boot_error is not None:
             raise ActorvisorError(ErrorCode.FAILED, f"the VM failed to boot: {self.boot_error}")
 
+    def memory_bytes(self) -> int:
+        return self.cgroup.memory_bytes() if self.cgroup is not None else 0
+
+    async def _in_fs(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._fs_pool is None:
+            raise ActorvisorError(ErrorCode.STOPPED, "the VM is not running")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._fs_pool, lambda: fn(*args, **kwargs))
+
     async def read_file(self, path: VmPath) -> bytes:
-        return await asyncio.to_thread(self.fs.read_file, path)
+        data: bytes = await self._in_fs(self.fs.read_file, path)
+        return data
 
     async def write_file(self, path: VmPath, data: bytes) -> None:
-        await asyncio.to_thread(self.fs.write_file, path, data)
+        await self._in_fs(self.fs.write_file, path, data)
 
     async def readdir(self, path: VmPath) -> list[str]:
-        return await asyncio.to_thread(self.fs.readdir, path)
+        names: list[str] = await self._in_fs(self.fs.readdir, path)
+        return names
 
     async def stat(self, path: VmPath) -> dict[str, Any]:
-        return await asyncio.to_thread(self.fs.stat, path)
+        info: dict[str, Any] = await self._in_fs(self.fs.stat, path)
+        return info
 
     async def exists(self, path: VmPath) -> bool:
-        return await asyncio.to_thread(self.fs.exists, path)
+        return bool(await self._in_fs(self.fs.exists, path))
 
     async def mkdir(self, path: VmPath, *, recursive: bool) -> None:
-        await asyncio.to_thread(self.fs.mkdir, path, recursive=recursive)
+        await self._in_fs(self.fs.mkdir, path, recursive=recursive)
 
     async def delete(self, path: VmPath, *, recursive: bool) -> None:
-        await asyncio.to_thread(self.fs.delete, path, recursive=recursive)
+        await self._in_fs(self.fs.delete, path, recursive=recursive)
 
     async def exec(
         self,
@@ -94,13 +308,18 @@ class Vm:
         timeout_s: float = DEFAULT_EXEC_TIMEOUT_S,
     ) -> ExecResult:
         """`/bin/sh -c command` in the VM; cwd defaults to /workspace and must exist."""
+        return await self.run(["/bin/sh", "-c", command], cwd=cwd, env=env, timeout_s=timeout_s)
+
+    async def run(self, argv: Sequence[str], *, cwd: VmPath | None = None,
+                  env: Mapping[str, str] | None = None,
+                  timeout_s: float = DEFAULT_EXEC_TIMEOUT_S) -> ExecResult:
         target = cwd or normalize(WORKSPACE)
         await self._require_dir(target)
-        return await self.sandbox.run(
-            ["/bin/sh", "-c", command], cwd=str(target), env=env, timeout_s=timeout_s
-        )
+        if self.machine is None:
+            raise ActorvisorError(ErrorCode.STOPPED, "the VM is not running")
+        return await self.machine.run(argv, cwd=str(target), env=env, timeout_s=timeout_s)
 
     async def _require_dir(self, path: VmPath) -> None:
-        info = await asyncio.to_thread(self.fs.stat, path)
+        info = await self.stat(path)
         if not info["isDirectory"]:
             raise ActorvisorError(ErrorCode.NOT_A_DIRECTORY, f"cwd {path}: not a directory")

@@ -18,6 +18,8 @@ from vmworker.outbox import Outbox
 from vmworker.sessions import SessionLog, SessionManager
 from vmworker.vm import Vm
 
+from tests.support import vm_settings
+
 from .harness import WorkerHarness
 
 
@@ -73,7 +75,7 @@ async def actor(tmp_path: Path) -> AsyncIterator[InProcessActor]:
         sent.append(decode(frame))
 
     outbox = Outbox(log, send, writer)
-    vm = Vm(actor_dir, boot_delay_s=0.0)
+    vm = Vm(actor_dir, "a1", tmp_path, 0.0, vm_settings(tmp_path), lambda kind, payload: None)
     session_log = SessionLog(outbox, reader, reader_pool)
     sessions = SessionManager(outbox, vm, log.load_sessions(), session_log)
     actions = Actions(vm, sessions, outbox, reader, reader_pool, restarts=0)
@@ -83,7 +85,7 @@ async def actor(tmp_path: Path) -> AsyncIterator[InProcessActor]:
         yield InProcessActor(actor_dir, log, outbox, vm, sessions, actions, sent, session_log)
     finally:
         sessions.cancel_all()
-        await vm.sandbox.kill_all()
+        await vm.stop()
         await asyncio.wait_for(outbox.flush(), 10)
         writer_task.cancel()
         await asyncio.gather(writer_task, return_exceptions=True)

@@ -34,7 +34,7 @@ from protocol.worker import (
     decode,
     encode,
 )
-from tests.support import descendants
+from tests.support import descendants, vm_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,6 +81,7 @@ class WorkerHarness:
                 "--boot-delay", str(self.boot_delay), "--generation", str(self.generation),
                 "--heartbeat-interval", str(self.heartbeat_interval),
                 "--supervisor-timeout", str(self.supervisor_timeout), "--log-level", "debug",
+                "--vm-settings", vm_settings(self.state_dir).to_arg(),
                 *extra,
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -116,7 +116,7 @@ async def test_multi_step_tool_turn(actor: InProcessActor, fake: FakeAnthropic) 
 
     assert reply == {"text": "I'll write it.The file says: hello from claude",
                      "stopReason": "end_turn"}
-    assert (actor.actor_dir / "root/workspace/notes/hello.txt").read_text() == "hello from claude"
+    assert (actor.vm.root / "workspace/notes/hello.txt").read_text() == "hello from claude"
     seen = updates(actor, sid)
     assert kinds(seen) == [
         "user_message_chunk",
@@ -296,7 +296,7 @@ async def test_ask_policy_approve_reject_and_always(actor: InProcessActor, fake:
     assert (await asyncio.wait_for(turn, 10))["stopReason"] == "end_turn"  # type: ignore[index]
     await settle(actor)
 
-    assert (actor.actor_dir / "root/workspace/a.txt").read_text() == "A"
+    assert (actor.vm.root / "workspace/a.txt").read_text() == "A"
     assert [p["reply"] for p in events(actor, "permissionResolved", sid)] == ["once", "reject"]
     by_call = [(u["toolCallId"], u["status"]) for u in updates(actor, sid)
                if u["sessionUpdate"].startswith("tool_call")]
@@ -315,7 +315,7 @@ async def test_ask_policy_approve_reject_and_always(actor: InProcessActor, fake:
     await answer_next_permission(actor, sid, 2, "always")
     assert (await asyncio.wait_for(turn, 10))["text"] == "Both written."  # type: ignore[index]
     assert len(events(actor, "permissionRequest", sid)) == 3
-    assert (actor.actor_dir / "root/workspace/d.txt").read_text() == "D"
+    assert (actor.vm.root / "workspace/d.txt").read_text() == "D"
 
 
 async def test_unanswered_permission_times_out_as_a_refusal(
@@ -329,7 +329,7 @@ async def test_unanswered_permission_times_out_as_a_refusal(
     assert [p["reply"] for p in events(actor, "permissionResolved", sid)] == ["cancelled"]
     answer = fake.requests[1].messages[-1]["content"][0]
     assert answer["is_error"] is True and "Nobody answered" in answer["content"]
-    assert not (actor.actor_dir / "root/workspace/x").exists()
+    assert not (actor.vm.root / "workspace/x").exists()
 
 
 async def test_401_is_a_clear_error_without_retry_and_the_session_stays_usable(
@@ -406,8 +406,8 @@ async def test_error_mid_stream_and_max_tokens(actor: InProcessActor, fake: Fake
 
 
 async def test_tool_results_the_model_can_act_on(actor: InProcessActor, fake: FakeAnthropic) -> None:
-    (actor.actor_dir / "root/workspace/twice.txt").write_text("ab ab")
-    (actor.actor_dir / "root/workspace/once.txt").write_text("x = 1\n")
+    (actor.vm.root / "workspace/twice.txt").write_text("ab ab")
+    (actor.vm.root / "workspace/once.txt").write_text("x = 1\n")
     sid = await claude_session(actor, fake)
     calls = [
         ("edit_file", {"path": "once.txt", "old_string": "x = 1", "new_string": "x = 2"}),
@@ -434,8 +434,8 @@ async def test_tool_results_the_model_can_act_on(actor: InProcessActor, fake: Fa
     assert error[1] and "occurs 2 times" in text[1]
     assert error[2] and "was not found" in text[2]
     assert (text[3], error[3]) == ("Replaced 2 occurrences in /workspace/twice.txt.", False)
-    assert (actor.actor_dir / "root/workspace/once.txt").read_text() == "x = 2\n"
-    assert (actor.actor_dir / "root/workspace/twice.txt").read_text() == "cd cd"
+    assert (actor.vm.root / "workspace/once.txt").read_text() == "x = 2\n"
+    assert (actor.vm.root / "workspace/twice.txt").read_text() == "cd cd"
     assert error[4] and "no such file" in text[4]
     assert error[5] and "/etc" in text[5]
     assert not error[6] and "characters truncated ..." in text[6]

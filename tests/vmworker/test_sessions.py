@@ -71,7 +71,7 @@ async def test_local_agent_update_sequence(actor: InProcessActor) -> None:
     assert seen[9]["status"] == "completed"
     message = "".join(u["content"]["text"] for u in seen if u["sessionUpdate"] == "agent_message_chunk")
     assert message == result["text"]
-    assert (actor.actor_dir / "root/workspace/notes/n.txt").read_text() == "some text"
+    assert (actor.vm.root / "workspace/notes/n.txt").read_text() == "some text"
 
 
 async def test_failed_command_is_a_failed_tool_call_not_an_error(actor: InProcessActor) -> None:

@@ -184,11 +184,11 @@ async def test_silent_supervisor_makes_the_worker_exit(harness: WorkerHarness) -
 
 
 async def test_boot_failure_is_reported_and_fails_vm_actions(harness: WorkerHarness) -> None:
-    (harness.actor_dir / "root").mkdir(parents=True)
-    (harness.actor_dir / "root" / "workspace").write_text("not a directory")
+    # A disk image that is not one: the VM cannot mount its disk.
+    (harness.actor_dir / "disk.img").mkdir(parents=True)
     await harness.start()
     failed = await harness.wait_for(lambda m: isinstance(m, Phase) and m.phase == "failed")
-    assert isinstance(failed, Phase) and "not a directory" in failed.detail["error"]
+    assert isinstance(failed, Phase) and "mount failed" in failed.detail["error"]
     err = await harness.call_error("exec", "true")
     assert err.code is ErrorCode.FAILED and "failed to boot" in err.message
     health = await harness.call("getRuntimeHealth")

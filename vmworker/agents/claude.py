@@ -26,7 +26,6 @@ the VM.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
@@ -48,6 +47,7 @@ from anthropic.types import (
 
 from protocol.errors import ActorvisorError, ErrorCode
 
+from .. import credentials
 from ..vmfs import WORKSPACE
 from . import tools
 from .base import (
@@ -394,4 +394,4 @@ def _error_meta(exc: ApiFailure) -> dict[str, Any]:
 
 
 def create(options: SessionOptions) -> ClaudeAgent:
-    return ClaudeAgent(ClaudeConfig.resolve(options, os.environ))
+    return ClaudeAgent(ClaudeConfig.resolve(options, credentials.environment()))
