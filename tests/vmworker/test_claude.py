@@ -29,6 +29,7 @@ from vmworker.agents.claude import DEFAULT_MAX_RETRIES, DEFAULT_MAX_TOKENS, DEFA
 from vmworker.agents.history import INTERRUPTED, rebuild
 from vmworker.agents.tools import MAX_OUTPUT_CHARS
 from vmworker.sessions import SessionManager
+from vmworker.vmfs import normalize
 
 from .conftest import InProcessActor
 
@@ -406,8 +407,8 @@ async def test_error_mid_stream_and_max_tokens(actor: InProcessActor, fake: Fake
 
 
 async def test_tool_results_the_model_can_act_on(actor: InProcessActor, fake: FakeAnthropic) -> None:
-    (actor.vm.root / "workspace/twice.txt").write_text("ab ab")
-    (actor.vm.root / "workspace/once.txt").write_text("x = 1\n")
+    await actor.vm.write_file(normalize("/workspace/twice.txt"), b"ab ab")
+    await actor.vm.write_file(normalize("/workspace/once.txt"), b"x = 1\n")
     sid = await claude_session(actor, fake)
     calls = [
         ("edit_file", {"path": "once.txt", "old_string": "x = 1", "new_string": "x = 2"}),
