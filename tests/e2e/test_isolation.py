@@ -6,11 +6,14 @@ import asyncio
 import os
 import signal
 import socket
+import urllib.request
 
 import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
+from supervisor.actors import actor_id_for
+from tests.support import eventually
 
 
 async def test_one_process_per_actor_and_a_kill_stays_contained(supervisor):
@@ -75,10 +78,15 @@ async def test_vm_is_a_sandbox(supervisor, tmp_path):
 
             wrote = await sh("echo persisted > /workspace/note.txt && pwd")
             assert wrote["stdout"].strip() == "/workspace"
-            health = await client.action("vm", "sandboxed", "getRuntimeHealth")
-        actor_dirs = list((supervisor.state_dir / "actors").iterdir())
-        roots = [d / "root" / "workspace" / "note.txt" for d in actor_dirs]
-        assert any(p.exists() and p.read_text() == "persisted\n" for p in roots)
-        assert health["booted"]
+            first = await client.action("vm", "sandboxed", "getRuntimeHealth")
+            # The actor's disk outlives its VM: sleep it, and the next action's VM has it.
+            request = urllib.request.Request(
+                f"{supervisor.url}/admin/actors/{actor_id_for('vm', 'sandboxed')}/sleep", method="POST")
+            await asyncio.to_thread(urllib.request.urlopen, request)
+            await eventually(lambda: first["pid"] not in supervisor.worker_pids())
+            assert await client.action("vm", "sandboxed", "readFile", "/workspace/note.txt") == b"persisted\n"
+            again = await client.action("vm", "sandboxed", "getRuntimeHealth")
+        assert again["booted"] and again["pid"] != first["pid"]
+        assert (supervisor.state_dir / "actors" / actor_id_for("vm", "sandboxed") / "disk.img").is_file()
     finally:
         listener.close()

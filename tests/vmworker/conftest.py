@@ -12,13 +12,12 @@ import cbor2
 import pytest
 
 from protocol.worker import WorkerToSupervisor, decode
+from tests.support import vm_settings
 from vmworker.actions import Actions
 from vmworker.eventlog import EventLog, EventReader
 from vmworker.outbox import Outbox
 from vmworker.sessions import SessionLog, SessionManager
 from vmworker.vm import Vm
-
-from tests.support import vm_settings
 
 from .harness import WorkerHarness
 
