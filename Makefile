@@ -13,12 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# bubblewrap is the VM sandbox; install it from Debian when missing (needs root or sudo).
+# The VM sandbox: bubblewrap, libseccomp (its syscall filter), e2fsprogs (each VM's disk
+# image) and a C compiler (the VM's init); installed from Debian when missing (root or sudo).
 sandbox-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
-	  echo "installing bubblewrap"; \
+	@missing=""; \
+	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
+	command -v cc >/dev/null 2>&1 || missing="$$missing gcc libc6-dev"; \
+	command -v mkfs.ext4 >/dev/null 2>&1 || missing="$$missing e2fsprogs"; \
+	ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2 ' || missing="$$missing libseccomp2"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; fi
 
 # The operations tests drive `actorvisor top` in tmux and check the unit with systemd-analyze.
 ops-deps:

@@ -3,7 +3,7 @@
 #
 # Boots a Debian tree (debootstrap, cached in $ACTORVISOR_NSPAWN_DIR) with systemd-nspawn,
 # installs actorvisor there exactly as docs/systemd.md says (venv in /opt/actorvisor, the
-# sysusers file, the unit), then checks what an operator relies on: the unit reaches
+# the unit), then checks what an operator relies on: the unit reaches
 # `active` through READY=1, STATUS= follows a VM booting, the unmodified RivetKit
 # quickstart runs against it, `actorvisor top` sees the workers, journald gets levels,
 # a frozen event loop is caught by the watchdog and the service restarted, and
@@ -74,7 +74,6 @@ systemd-nspawn -q --keep-unit --register=no -D "$ROOTFS" --pipe -- /bin/sh -ec '
   /opt/actorvisor/bin/pip install -q --disable-pip-version-check --no-index \
     --find-links /opt/wheels --force-reinstall actorvisor
 ' > "$WORK/install.log" 2>&1 || { tail -20 "$WORK/install.log"; die "installing into the tree failed"; }
-install -D -m 0644 deploy/actorvisor.sysusers "$ROOTFS/etc/sysusers.d/actorvisor.conf"
 install -D -m 0644 deploy/actorvisor.service "$ROOTFS/etc/systemd/system/actorvisor.service"
 install -D -m 0644 deploy/actorvisor.socket "$ROOTFS/etc/systemd/system/actorvisor.socket"
 mkdir -p "$ROOTFS/etc/systemd/system/multi-user.target.wants" "$ROOTFS/etc/systemd/system/sockets.target.wants"
@@ -136,7 +135,7 @@ for _ in $(seq 150); do [ "$(prop ActiveState)" = active ] && break; sleep 0.2; 
 in_ct systemctl --no-pager status actorvisor | head -12 || true
 check "Type=notify" [ "$(prop Type)" = notify ]
 check "active (running)" [ "$(prop ActiveState)/$(prop SubState)" = active/running ]
-check "runs as the actorvisor user" [ "$(prop User)" = actorvisor ]
+check "runs as root with a bounded capability set" [ "$(prop User)" = root ] && [ -n "$(prop CapabilityBoundingSet)" ]
 check "STATUS= is the one-line summary" grep -q '^actors: none; connections: 0' <<<"$(prop StatusText)"
 check "it listens on the socket actorvisor.socket holds (socket activation)" \
   sh -c "nsenter -t $INIT -a -- journalctl -u actorvisor -o cat --no-pager | grep -q '\"socket_activated\": true'"
