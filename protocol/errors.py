@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     SESSION_NOT_FOUND = "actor.session_not_found"
     SESSION_BUSY = "actor.session_busy"
     PERMISSION_NOT_FOUND = "actor.permission_not_found"
+    PROCESS_NOT_FOUND = "actor.process_not_found"
+    SHELL_NOT_FOUND = "actor.shell_not_found"
     FILE_NOT_FOUND = "actor.file_not_found"
     FILE_EXISTS = "actor.file_exists"
     NOT_A_DIRECTORY = "actor.not_a_directory"

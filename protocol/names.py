@@ -28,6 +28,20 @@ class ActionName(StrEnum):
     DELETE_FILE = "deleteFile"
     EXEC = "exec"
     GET_RUNTIME_HEALTH = "getRuntimeHealth"
+    SPAWN = "spawn"
+    WRITE_PROCESS_STDIN = "writeProcessStdin"
+    CLOSE_PROCESS_STDIN = "closeProcessStdin"
+    KILL_PROCESS = "killProcess"
+    STOP_PROCESS = "stopProcess"
+    WAIT_PROCESS = "waitProcess"
+    LIST_PROCESSES = "listProcesses"
+    GET_PROCESS = "getProcess"
+    OPEN_SHELL = "openShell"
+    WRITE_SHELL = "writeShell"
+    RESIZE_SHELL = "resizeShell"
+    CLOSE_SHELL = "closeShell"
+    WAIT_SHELL = "waitShell"
+    LIST_SHELLS = "listShells"
 
 
 class EventName(StrEnum):
@@ -37,6 +51,11 @@ class EventName(StrEnum):
     VM_BOOTED = "vmBooted"
     VM_SHUTDOWN = "vmShutdown"
     VM_LIMIT = "vmLimit"
+    PROCESS_OUTPUT = "processOutput"
+    PROCESS_EXIT = "processExit"
+    SHELL_DATA = "shellData"
+    SHELL_EXIT = "shellExit"
+    OUTPUT_COMPACTED = "processOutputCompacted"
 
 
 class AgentType(StrEnum):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +25,18 @@ from protocol.names import ActionName, AgentType, EventName
 from .agents.base import PermissionReply
 from .eventlog import EventReader, Page
 from .outbox import Outbox
+from .processes import ProcessTable, parse_signal
 from .sandbox import validate_env
 from .sessions import MAX_PROMPT_CHARS, SessionManager, parse_options
 from .vm import DEFAULT_EXEC_TIMEOUT_S, Vm
-from .vmfs import VmPath, normalize
+from .vmfs import WORKSPACE, VmPath, normalize
 
 DEFAULT_PAGE: Final = 1000
 MAX_PAGE: Final = 10_000
 MAX_COMMAND_BYTES: Final = 128 * 1024 - 1  # the kernel's limit for one argv string
 MAX_TIMEOUT_MS: Final = 3_600_000
+MAX_ARGS: Final = 4000
+MAX_TERMINAL: Final = 1000
 
 
 def _invalid(message: str) -> ActorvisorError:
@@ -50,7 +54,7 @@ class Args:
         self._values = values
         self._names = names
 
-    def _what(self, index: int) -> str:
+    def what(self, index: int) -> str:
         return f"{self.action}: argument {index + 1} ({self._names[index]})"
 
     def get(self, index: int) -> Any:
@@ -60,37 +64,37 @@ class Args:
     def string(self, index: int, *, max_len: int | None = None) -> str:
         value = self.get(index)
         if not isinstance(value, str):
-            raise _invalid(f"{self._what(index)} must be a string, got {_type(value)}")
+            raise _invalid(f"{self.what(index)} must be a string, got {_type(value)}")
         if max_len is not None and len(value) > max_len:
-            raise _invalid(f"{self._what(index)} is longer than {max_len} characters")
+            raise _invalid(f"{self.what(index)} is longer than {max_len} characters")
         return value
 
     def path(self, index: int) -> VmPath:
-        return normalize(self.get(index), what=self._what(index))
+        return normalize(self.get(index), what=self.what(index))
 
     def options(self, index: int, allowed: Sequence[str]) -> dict[str, Any]:
         value = self.get(index)
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise _invalid(f"{self._what(index)} must be an object, got {_type(value)}")
+            raise _invalid(f"{self.what(index)} must be an object, got {_type(value)}")
         for key in value:
             if key not in allowed:
-                raise _invalid(f"{self._what(index)}: unknown option {key!r:.80}; "
+                raise _invalid(f"{self.what(index)}: unknown option {key!r:.80}; "
                                f"expected {', '.join(allowed) or 'none'}")
         return {k: v for k, v in value.items() if v is not None}
 
     def option_bool(self, index: int, opts: dict[str, Any], key: str) -> bool:
         value = opts.get(key, False)
         if not isinstance(value, bool):
-            raise _invalid(f"{self._what(index)}.{key} must be a boolean, got {_type(value)}")
+            raise _invalid(f"{self.what(index)}.{key} must be a boolean, got {_type(value)}")
         return value
 
     def option_int(self, index: int, opts: dict[str, Any], key: str, default: int,
                    low: int, high: int) -> int:
         value = opts.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise _invalid(f"{self._what(index)}.{key} must be an integer from {low} to {high}, "
+            raise _invalid(f"{self.what(index)}.{key} must be an integer from {low} to {high}, "
                            f"got {value!r:.80}")
         return value
 
@@ -117,8 +121,10 @@ class Actions:
         reader: EventReader,
         read_executor: ThreadPoolExecutor,
         restarts: int,
+        processes: ProcessTable | None = None,
     ) -> None:
         self._vm = vm
+        self._processes = processes
         self._sessions = sessions
         self._outbox = outbox
         self._reader = reader
@@ -146,6 +152,20 @@ class Actions:
             ActionName.DELETE_FILE: spec(self._delete_file, ("path", "options"), True),
             ActionName.EXEC: spec(self._exec, ("command", "options"), True),
             ActionName.GET_RUNTIME_HEALTH: spec(self._health, (), False),
+            ActionName.SPAWN: spec(self._spawn, ("command", "args", "options"), True),
+            ActionName.WRITE_PROCESS_STDIN: spec(self._write_stdin, ("pid", "data"), True),
+            ActionName.CLOSE_PROCESS_STDIN: spec(self._close_stdin, ("pid",), True),
+            ActionName.KILL_PROCESS: spec(self._kill_process, ("pid", "signal"), True),
+            ActionName.STOP_PROCESS: spec(self._stop_process, ("pid",), True),
+            ActionName.WAIT_PROCESS: spec(self._wait_process, ("pid",), True),
+            ActionName.LIST_PROCESSES: spec(self._list_processes, (), True),
+            ActionName.GET_PROCESS: spec(self._get_process, ("pid",), True),
+            ActionName.OPEN_SHELL: spec(self._open_shell, ("options",), True),
+            ActionName.WRITE_SHELL: spec(self._write_shell, ("shellId", "data"), True),
+            ActionName.RESIZE_SHELL: spec(self._resize_shell, ("shellId", "cols", "rows"), True),
+            ActionName.CLOSE_SHELL: spec(self._close_shell, ("shellId",), True),
+            ActionName.WAIT_SHELL: spec(self._wait_shell, ("shellId",), True),
+            ActionName.LIST_SHELLS: spec(self._list_shells, (), True),
         }
 
     async def dispatch(self, name: str, args: list[Any]) -> Any:
@@ -279,6 +299,117 @@ class Actions:
         result = await self._vm.exec(command, cwd=cwd, env=env,
                                      timeout_s=timeout_ms / 1000)
         return result.to_wire()
+
+    # processes and shells
+
+    @property
+    def _procs(self) -> ProcessTable:
+        if self._processes is None:
+            raise ActorvisorError(ErrorCode.STOPPED, "this worker runs no process table")
+        return self._processes
+
+    def _argv_strings(self, a: Args, index: int) -> list[str]:
+        value = a.get(index)
+        if value is None:
+            return []
+        if not isinstance(value, list) or len(value) > MAX_ARGS:
+            raise _invalid(f"{a.what(index)} must be a list of at most {MAX_ARGS} strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or "\0" in item or len(item) > MAX_COMMAND_BYTES:
+                raise _invalid(f"{a.what(index)}[{i}] must be a string without NUL bytes, "
+                               f"at most {MAX_COMMAND_BYTES} characters; got {_type(item)}")
+        return list(value)
+
+    async def _cwd(self, a: Args, index: int, opts: dict[str, Any]) -> str:
+        cwd = normalize(opts["cwd"], what=f"{a.what(index)}.cwd") if "cwd" in opts else normalize(WORKSPACE)
+        info = await self._vm.stat(cwd)
+        if not info["isDirectory"]:
+            raise ActorvisorError(ErrorCode.NOT_A_DIRECTORY, f"cwd {cwd}: not a directory")
+        return str(cwd)
+
+    def _data(self, a: Args, index: int) -> bytes:
+        value = a.get(index)
+        if isinstance(value, str):
+            return value.encode()
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        raise _invalid(f"{a.what(index)} must be a string or bytes, got {_type(value)}")
+
+    def _dimension(self, a: Args, index: int, value: object, name: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TERMINAL:
+            raise _invalid(f"{a.what(index)}: {name} must be an integer from 1 to {MAX_TERMINAL}, "
+                           f"got {value!r:.40}")
+        return value
+
+    async def _spawn(self, a: Args) -> Any:
+        command = a.string(0, max_len=MAX_COMMAND_BYTES)
+        if not command or "\0" in command:
+            raise _invalid("spawn: argument 1 (command) must be a non-empty string without NUL bytes")
+        args = self._argv_strings(a, 1)
+        opts = a.options(2, ("env", "cwd", "streamStdin"))
+        env = validate_env(opts.get("env", {}), what="spawn: argument 3 (options).env")
+        pid = await self._procs.spawn(command, args, env, await self._cwd(a, 2, opts),
+                                      a.option_bool(2, opts, "streamStdin"))
+        return {"pid": pid}
+
+    async def _write_stdin(self, a: Args) -> Any:
+        await self._procs.write_stdin(a.get(0), self._data(a, 1))
+        return None
+
+    async def _close_stdin(self, a: Args) -> Any:
+        await self._procs.close_stdin(a.get(0))
+        return None
+
+    async def _kill_process(self, a: Args) -> Any:
+        raw = a.get(1)
+        sig = signal.SIGTERM if raw is None else parse_signal(raw, a.what(1))
+        await self._procs.kill(a.get(0), sig)
+        return None
+
+    async def _stop_process(self, a: Args) -> Any:
+        return await self._procs.stop(a.get(0))
+
+    async def _wait_process(self, a: Args) -> Any:
+        return await self._procs.wait(a.get(0))
+
+    async def _list_processes(self, a: Args) -> Any:
+        return self._procs.list()
+
+    async def _get_process(self, a: Args) -> Any:
+        return self._procs.get(a.get(0))
+
+    async def _open_shell(self, a: Args) -> Any:
+        opts = a.options(0, ("command", "args", "env", "cwd", "cols", "rows"))
+        command = opts.get("command")
+        if command is not None and (not isinstance(command, str) or not command or "\0" in command):
+            raise _invalid("openShell: argument 1 (options).command must be a non-empty string")
+        args = opts.get("args")
+        if args is not None:
+            args = self._argv_strings(Args("openShell", [args], ("options.args",)), 0)
+        env = validate_env(opts.get("env", {}), what="openShell: argument 1 (options).env")
+        cols = self._dimension(a, 0, opts.get("cols", 80), "cols")
+        rows = self._dimension(a, 0, opts.get("rows", 24), "rows")
+        shell_id = await self._procs.open_shell(command, args, env, await self._cwd(a, 0, opts), rows, cols)
+        return {"shellId": shell_id}
+
+    async def _write_shell(self, a: Args) -> Any:
+        await self._procs.write_shell(a.get(0), self._data(a, 1))
+        return None
+
+    async def _resize_shell(self, a: Args) -> Any:
+        cols = self._dimension(a, 1, a.get(1), "cols")
+        rows = self._dimension(a, 2, a.get(2), "rows")
+        self._procs.resize_shell(a.get(0), cols, rows)
+        return None
+
+    async def _close_shell(self, a: Args) -> Any:
+        return await self._procs.close_shell(a.get(0))
+
+    async def _wait_shell(self, a: Args) -> Any:
+        return await self._procs.wait_shell(a.get(0))
+
+    async def _list_shells(self, a: Args) -> Any:
+        return self._procs.list_shells()
 
     # runtime
 

@@ -180,6 +180,18 @@ class EventLog:
         if events:
             self.last_seq = events[-1].seq
 
+    def delete_events(self, seqs: Sequence[int]) -> None:
+        """Delete events a marker event has replaced (compacted process output); the log's
+        last seq never moves back, since the marker comes after them."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def load_sessions(self) -> list[SessionRow]:
         rows = self._conn.execute(
             "SELECT session_id, agent_type, options, created_at, status FROM sessions"

@@ -36,6 +36,7 @@ from . import credentials, logs, vmroot
 from .actions import Actions
 from .eventlog import EventLog, EventReader
 from .outbox import Outbox
+from .processes import ProcessLimits, ProcessTable
 from .sessions import SessionLog, SessionManager
 from .vm import Vm, VmSettings
 
@@ -138,8 +139,9 @@ class Worker:
                      self._on_limit)
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
                                        SessionLog(self.outbox, reader, reader_pool))
+        self.processes = ProcessTable(self.outbox, cfg.actor_dir, ProcessLimits())
         self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,
-                               cfg.generation)
+                               cfg.generation, self.processes)
         self.log.info("worker_started", name=cfg.actor_name, key=cfg.actor_key,
                       epoch=event_log.epoch, last_seq=event_log.last_seq,
                       generation=cfg.generation)
@@ -209,15 +211,21 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._actions_running, return_exceptions=True)
         await self.vm.stop()
+        # Every process and shell the VM took with it gets its exit in the log, before
+        # the VM's own vmShutdown.
+        await self.processes.close()
 
     async def _boot(self) -> None:
         self.log.info("vm_booting", boot_delay_s=self.config.boot_delay_s)
+        await self.processes.close_leftovers()
         try:
             boot_ms = await self.vm.boot()
         except Exception as exc:
             self.log.error("vm_boot_failed", error=self.vm.boot_error, exc_info=exc)
             self.outbox.send(Phase(WorkerPhase.FAILED.value, {"error": self.vm.boot_error}))
             return
+        assert self.vm.machine is not None
+        self.processes.attach(self.vm.machine)
         await self.outbox.append(EventName.VM_BOOTED.value, {"bootMs": boot_ms})
         self.outbox.send(Phase(WorkerPhase.READY.value, {"bootMs": boot_ms}))
         self.log.info("vm_ready", boot_ms=boot_ms)

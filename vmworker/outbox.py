@@ -49,7 +49,12 @@ class _SessionWrite:
     row: SessionRow
 
 
-_Item = _Durable | _Plain | _SessionWrite
+@dataclass(frozen=True, slots=True)
+class _Delete:
+    seqs: list[int]
+
+
+_Item = _Durable | _Plain | _SessionWrite | _Delete
 
 
 def _encode(msg: WorkerToSupervisor) -> bytes:
@@ -106,6 +111,10 @@ class Outbox:
         """Queue a session row write; it commits with the next batch, in order."""
         self._put(_SessionWrite(row))
 
+    def delete(self, seqs: list[int]) -> None:
+        """Queue the deletion of committed events (compaction); runs after what is queued."""
+        self._put(_Delete(seqs))
+
     async def flush(self) -> None:
         """Wait until everything queued before this call has been sent."""
         await self._wait_for(self._enqueued)
@@ -133,8 +142,10 @@ class Outbox:
                 sessions = [i.row for i in batch if isinstance(i, _SessionWrite)]
                 if events or sessions:
                     await loop.run_in_executor(self._executor, self._log.write_batch, events, sessions)
+                if deletes := [seq for i in batch if isinstance(i, _Delete) for seq in i.seqs]:
+                    await loop.run_in_executor(self._executor, self._log.delete_events, deletes)
                 for item in batch:
-                    if not isinstance(item, _SessionWrite):
+                    if isinstance(item, (_Durable, _Plain)):
                         await self._send(item.frame)
                 async with self._progress:
                     self._done += len(batch)

@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import os
 import re
 import signal
 import socket
+import struct
+import termios
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,6 +534,10 @@ async def _read_child_pid(fd: int, bwrap: asyncio.subprocess.Process) -> int:
                 return int(info["child-pid"])
     finally:
         exited.cancel()
+
+
+def set_window_size(master_fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def validate_env(env: object, *, what: str) -> dict[str, str]:

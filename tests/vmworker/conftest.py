@@ -16,6 +16,7 @@ from tests.support import vm_settings
 from vmworker.actions import Actions
 from vmworker.eventlog import EventLog, EventReader
 from vmworker.outbox import Outbox
+from vmworker.processes import ProcessLimits, ProcessTable
 from vmworker.sessions import SessionLog, SessionManager
 from vmworker.vm import Vm
 
@@ -77,14 +78,18 @@ async def actor(tmp_path: Path) -> AsyncIterator[InProcessActor]:
     vm = Vm(actor_dir, "a1", tmp_path, 0.0, vm_settings(tmp_path), lambda kind, payload: None)
     session_log = SessionLog(outbox, reader, reader_pool)
     sessions = SessionManager(outbox, vm, log.load_sessions(), session_log)
-    actions = Actions(vm, sessions, outbox, reader, reader_pool, restarts=0)
+    processes = ProcessTable(outbox, actor_dir, ProcessLimits(output_log_bytes=1 << 20))
+    actions = Actions(vm, sessions, outbox, reader, reader_pool, restarts=0, processes=processes)
     writer_task = asyncio.create_task(outbox.run())
     await vm.boot()
+    assert vm.machine is not None
+    processes.attach(vm.machine)
     try:
         yield InProcessActor(actor_dir, log, outbox, vm, sessions, actions, sent, session_log)
     finally:
         sessions.cancel_all()
         await vm.stop()
+        await processes.close()
         await asyncio.wait_for(outbox.flush(), 10)
         writer_task.cancel()
         await asyncio.gather(writer_task, return_exceptions=True)
