@@ -210,6 +210,7 @@ class Worker:
         for task in self._actions_running:
             task.cancel()
         await asyncio.gather(*self._actions_running, return_exceptions=True)
+        self.processes.stopping()
         await self.vm.stop()
         # Every process and shell the VM took with it gets its exit in the log, before
         # the VM's own vmShutdown.

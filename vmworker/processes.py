@@ -482,8 +482,12 @@ class ProcessTable:
         if not self._closing:
             await self._save_running()
 
+    def stopping(self) -> None:
+        """The VM is about to stop: the exits that follow get reason `vmStopped`."""
+        self._closing = True
+
     async def close(self) -> None:
-        """The VM is stopping: wait until every process and shell has its exit logged."""
+        """The VM has stopped: wait until every process and shell has its exit logged."""
         self._closing = True
         if self._watchers:
             await asyncio.wait(self._watchers, timeout=10.0)

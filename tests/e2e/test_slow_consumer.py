@@ -31,7 +31,7 @@ def ws_frame(payload: bytes) -> bytes:
     return bytes(header) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def open_stalled_subscriber(port: int, key: str) -> socket.socket:
+def open_stalled_subscriber(port: int, key: str, event: str = "sessionEvent") -> socket.socket:
     """A raw WebSocket client with a tiny receive buffer that subscribes, then never reads."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -45,7 +45,7 @@ def open_stalled_subscriber(port: int, key: str) -> socket.socket:
     while b"\r\n\r\n" not in response:
         response += sock.recv(4096)
     assert response.startswith(b"HTTP/1.1 101"), response
-    sock.sendall(ws_frame(encode_to_server(SubscriptionRequest("sessionEvent", True), Encoding.CBOR)))
+    sock.sendall(ws_frame(encode_to_server(SubscriptionRequest(event, True), Encoding.CBOR)))
     return sock
 
 
