@@ -54,6 +54,25 @@ def vm_settings(state_dir: Path, **limits: int | float) -> VmSettings:
     return settings
 
 
+def file_contains(path: Path, needle: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether `needle` is in the file, reading only its data regions (a VM's disk image
+    is a sparse file of gigabytes that holds megabytes)."""
+    with open(path, "rb") as f:
+        fd, end, offset, tail = f.fileno(), os.fstat(f.fileno()).st_size, 0, b""
+        while offset < end:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                return False
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+            while offset < hole:
+                data = os.pread(fd, min(chunk, hole - offset), offset)
+                if needle in tail + data:
+                    return True
+                tail, offset = data[-len(needle):], offset + len(data)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import pytest
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
-from tests.support import ROOT, eventually
+from tests.support import ROOT, eventually, file_contains
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ async def test_no_api_key_in_any_log_event_or_file(make_supervisor, fake: FakeAn
         assert key not in json.dumps(events)
         for path in sup.state_dir.rglob("*"):
             if stat.S_ISREG(path.lstat().st_mode):
-                assert key.encode() not in path.read_bytes(), path
+                assert not file_contains(path, key.encode()), path
 
 
 async def run_demo(sup, env: dict[str, str]) -> tuple[int, str]:
