@@ -163,6 +163,12 @@ class Connection:
         """Call `handler(*args)` for each `event`; the first handler subscribes."""
         self.subscribe(event, handler)
 
+    def off(self, event: str, handler: Handler) -> None:
+        """Stop calling `handler`; the subscription itself stays (its cursor with it)."""
+        handlers = self._handlers.get(event, [])
+        if handler in handlers:
+            handlers.remove(handler)
+
     def subscribe(self, event: str, handler: Handler, *, after: int | None = None) -> None:
         """Like `on`, optionally from an explicit cursor (the `seq` last seen)."""
         if after is not None:
@@ -255,7 +261,7 @@ class Connection:
                     epoch = payload.get("epoch") if isinstance(payload, dict) else None
                     if isinstance(epoch, str):
                         self.epoch = epoch
-                for handler in self._handlers.get(msg.name, ()):
+                for handler in list(self._handlers.get(msg.name, ())):
                     result = handler(*msg.args)
                     if inspect.isawaitable(result):
                         await result

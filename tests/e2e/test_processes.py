@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from protocol.aio import Client
+from protocol.processes import ProcessExit, Processes
 from supervisor.actors import actor_id_for
 from tests.support import LONG_SLEEP, eventually, leftover_sleeps
 
@@ -111,3 +112,33 @@ async def test_processes_and_shells_end_with_their_vm(make_supervisor: Any, endi
     assert exits["processExit"]["reason"] == exits["shellExit"]["reason"] == reason
     assert exits["processExit"]["signal"] in ("SIGTERM", "SIGKILL", "SIGHUP")
     assert any(e["name"] == "vmShutdown" for e in events)
+
+
+async def test_the_python_client_drives_processes_and_shells(supervisor: Any) -> None:
+    async with Client(supervisor.url) as client:
+        conn = await client.connect("vm", "py-procs", reconnect=False)
+        procs = Processes(conn)
+        # Output from the first instant (no sleep before writing) is not missed.
+        proc = await procs.spawn("sh", ["-c", "seq 1 3000; echo oops >&2; exit 3"])
+        chunks = [chunk async for chunk in proc.output()]
+        out = b"".join(c.data for c in chunks if c.stream == "stdout")
+        assert out.decode().split() == [str(i) for i in range(1, 3001)]
+        assert b"".join(c.data for c in chunks if c.stream == "stderr") == b"oops\n"
+        assert [c.seq for c in chunks] == sorted({c.seq for c in chunks})
+        assert await proc.wait() == ProcessExit(3, None)
+        assert any(p.pid == proc.pid and not p.running and p.exit_code == 3 for p in await procs.list())
+
+        cat = await procs.spawn("cat", stream_stdin=True)
+        for part in ("one ", b"two ", "three"):
+            await cat.write(part)
+        await cat.close_stdin()
+        assert b"".join([c.data async for c in cat.output()]) == b"one two three"
+
+        shell = await procs.open_shell(command="/bin/sh", cols=80, rows=24)
+        await shell.write("stty size\n")
+        await shell.resize(120, 40)
+        await shell.write("stty size; exit 0\n")
+        screen = b"".join([c.data async for c in shell.output()])
+        assert b"24 80" in screen and b"40 120" in screen, screen
+        assert await shell.wait() == ProcessExit(0, None)
+        await conn.close()
