@@ -5,6 +5,7 @@
     actorvisor demo   [--url URL] [--actor KEY] [--agent local|claude] [--prompt TEXT]
     actorvisor call   ACTOR ACTION [JSON_ARG ...]
     actorvisor events ACTOR [--after SEQ] [--follow]
+    actorvisor shell  ACTOR [--command PROGRAM [ARG ...]]
 
 Flags win over environment variables (ACTORVISOR_LISTEN, ACTORVISOR_STATE_DIR,
 ACTORVISOR_BOOT_DELAY), which win over the defaults.
@@ -237,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--follow", action="store_true")
     events.add_argument("--url", default=_default_url())
 
+    shell = sub.add_parser("shell", help="attach this terminal to a new shell in the actor's VM "
+                           "(Ctrl-D or exit to leave)")
+    shell.add_argument("actor")
+    shell.add_argument("--command", dest="program", help="program to run in the terminal (default: bash -l, else sh)")
+    shell.add_argument("args", nargs="*", metavar="ARG", help="its arguments (after --)")
+    shell.add_argument("--url", default=_default_url())
+
     args = parser.parse_args(argv)
     try:
         match args.command:
@@ -250,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_call(args))
             case "events":
                 return asyncio.run(_events(args))
+            case "shell":
+                from .attach import attach
+                return asyncio.run(attach(args.url, args.actor, args.program, args.args or None))
     except ActorvisorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from protocol.aio import Client
-from protocol.processes import ProcessExit, Processes
+from protocol.processes import Processes, ProcessExit
 from supervisor.actors import actor_id_for
 from tests.support import LONG_SLEEP, eventually, leftover_sleeps
 
