@@ -77,7 +77,9 @@ def prepare_vms(config: Config) -> VmSettings:
     config.state_dir.chmod(0o700)
     wanted = VmSettings(memory_mb=config.vm_memory_mb, pids=config.vm_pids, cpus=config.vm_cpus,
                         disk_mb=config.vm_disk_mb, shm_mb=config.vm_shm_mb,
-                        uid_base=config.vm_uid_base, unsafe_no_limits=config.unsafe_no_limits)
+                        uid_base=config.vm_uid_base, unsafe_no_limits=config.unsafe_no_limits,
+                        max_processes=config.vm_max_processes, max_shells=config.vm_max_shells,
+                        output_log_mb=config.vm_output_log_mb)
     try:
         settings, missing = wanted.for_host(config.state_dir)
     except (ValueError, RuntimeError) as exc:

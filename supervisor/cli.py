@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["log_level"] = args.log_level
     for name in ("spawner", "sleep_after", "stop_timeout", "hang_timeout", "worker_memory_mb",
                  "worker_open_files", "implicit_cursor_grace", "ring_size", "conn_queue_bytes",
-                 "vm_memory_mb", "vm_pids", "vm_cpus", "vm_disk_mb", "unsafe_no_limits"):
+                 "vm_memory_mb", "vm_pids", "vm_cpus", "vm_disk_mb", "unsafe_no_limits",
+                 "vm_max_processes", "vm_max_shells", "vm_output_log_mb"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--vm-cpus", type=float, help="CPU quota per VM, in cores (default 1.0)")
     run.add_argument("--vm-disk-mb", type=int,
                      help="disk of each VM: /workspace, /home and /tmp together (default 4096)")
+    run.add_argument("--vm-max-processes", type=int,
+                     help="running processes clients may spawn in each VM (default 64)")
+    run.add_argument("--vm-max-shells", type=int, help="open shells per VM (default 16)")
+    run.add_argument("--vm-output-log-mb", type=int,
+                     help="output each process or shell keeps in the event log (default 8)")
     run.add_argument("--unsafe-no-limits", action="store_true", default=None,
                      help="run VMs even where their limits cannot be applied (not root, no "
                           "cgroups); never on a shared host")

@@ -83,6 +83,9 @@ class Config:
     vm_shm_mb: int = 64
     vm_uid_base: int = 0x70000000
     unsafe_no_limits: bool = False     # run VMs even where these bounds cannot be applied
+    vm_max_processes: int = 64         # running processes started with `spawn`, per VM
+    vm_max_shells: int = 16            # open shells (`openShell`), per VM
+    vm_output_log_mb: int = 8          # output each process or shell keeps in the log
 
     @property
     def listen(self) -> str:

@@ -139,7 +139,8 @@ class Worker:
                      self._on_limit)
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
                                        SessionLog(self.outbox, reader, reader_pool))
-        self.processes = ProcessTable(self.outbox, cfg.actor_dir, ProcessLimits())
+        self.processes = ProcessTable(self.outbox, cfg.actor_dir, ProcessLimits(
+            cfg.vm.max_processes, cfg.vm.max_shells, cfg.vm.output_log_mb << 20))
         self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,
                                cfg.generation, self.processes)
         self.log.info("worker_started", name=cfg.actor_name, key=cfg.actor_key,

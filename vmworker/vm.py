@@ -58,6 +58,10 @@ class VmSettings:
     cgroup_root: str | None = None   # CgroupRoot.to_arg(), None: no cgroups on this host
     init_binary: str = ""
     unsafe_no_limits: bool = False
+    # What clients may start in it (vmworker.processes.ProcessLimits).
+    max_processes: int = 64
+    max_shells: int = 16
+    output_log_mb: int = 8
 
     def to_arg(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -75,7 +79,7 @@ class VmSettings:
         cgroups made), and what of the VMs' containment this host cannot give.
 
         Runs once in the supervisor at start, before any worker exists."""
-        for name in ("memory_mb", "pids", "disk_mb", "shm_mb"):
+        for name in ("memory_mb", "pids", "disk_mb", "shm_mb", "max_processes", "max_shells", "output_log_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"vm {name} must be positive, got {getattr(self, name)}")
         if not self.cpus > 0:

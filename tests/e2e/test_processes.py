@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from protocol.aio import Client
+from protocol.errors import ActorvisorError, ErrorCode
 from protocol.processes import Processes, ProcessExit
 from supervisor.actors import actor_id_for
 from tests.support import LONG_SLEEP, eventually, leftover_sleeps
@@ -142,3 +143,21 @@ async def test_the_python_client_drives_processes_and_shells(supervisor: Any) ->
         assert b"24 80" in screen and b"40 120" in screen, screen
         assert await shell.wait() == ProcessExit(0, None)
         await conn.close()
+
+
+async def test_per_vm_limits_come_from_the_service_config(make_supervisor: Any) -> None:
+    supervisor = make_supervisor("--vm-max-processes", "2", "--vm-max-shells", "1")
+    async with Client(supervisor.url) as client:
+        pids = [(await client.action("vm", "capped", "spawn", "sleep", [LONG_SLEEP]))["pid"] for _ in range(2)]
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", "capped", "spawn", "true")
+        assert info.value.code is ErrorCode.VM_LIMIT and "2" in info.value.message
+        await client.action("vm", "capped", "openShell", {})
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", "capped", "openShell", {})
+        assert info.value.code is ErrorCode.VM_LIMIT
+        # A process that ends frees its place; the actor kept serving throughout.
+        await client.action("vm", "capped", "stopProcess", pids[0])
+        pid = (await client.action("vm", "capped", "spawn", "true"))["pid"]
+        assert await client.action("vm", "capped", "waitProcess", pid) == {"exitCode": 0, "signal": None}
+        await client.action("vm", "capped", "stopProcess", pids[1])
