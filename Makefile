@@ -48,8 +48,15 @@ test: $(STAMP) sandbox-deps ops-deps $(NPM_STAMP)
 demo: $(STAMP)
 	$(BIN)/actorvisor demo $(ARGS)
 
+# Every benchmark in bench/, each with quick settings (each prints its figure next to the
+# baseline it measured in the same run); the scripts' own defaults are the full runs.
 bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/conn_setup.py
+	$(BIN)/python bench/relay.py --events 20000 --subscribers 1,10 --latency-events 2000 --rate 1000
+	$(BIN)/python bench/sandbox.py --vms 4 --commands 100
+	$(BIN)/python bench/spawn.py --actors 20 --levels 0,200
+	@for f in bench/*.py; do case $$f in bench/__init__.py|bench/conn_setup.py|bench/relay.py|bench/sandbox.py|bench/spawn.py) ;; \
+	  *) echo "== $$f"; $(BIN)/python $$f || exit 1;; esac; done
 
 # Opt-in, not part of `make test`: boots a Debian tree under systemd-nspawn with the unit
 # from deploy/ and serves the quickstart through it. Needs root; see deploy/README.md.

@@ -1,7 +1,12 @@
 """Supervisor ⇄ worker messages (PROTOCOL.md §6): one CBOR map per ZeroMQ frame, key `t`.
 
-Worker → supervisor: `hello`, `heartbeat`, `phase`, `event`, `reply`.
+Worker → supervisor: `hello`, `heartbeat`, `phase`, `event`, `events`, `reply`.
 Supervisor → worker: `action`, `heartbeat`, `sleep`, `shutdown`.
+
+`events` is a run of consecutive durable events in one frame (the worker's group commit,
+sent as one ZeroMQ message): each payload travels as the very CBOR bytes the worker
+committed to its log, so the worker encodes an event once for disk and wire. `expand()`
+turns it back into the `event`s it stands for, in order.
 
 Only the shapes live here. Ordering guarantees (a reply never overtakes the events its
 action produced) are the worker's job: it sends both on one socket, in order.
@@ -67,6 +72,19 @@ class WorkerEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerEvents:
+    """Consecutive durable events (seq `first`, `first + 1`, ...), all committed.
+
+    `payloads` are CBOR maps as stored in the log; `names[i]` goes with `payloads[i]`.
+    """
+
+    first: int
+    epoch: str
+    names: list[str]
+    payloads: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     id: int
     ok: bool
@@ -91,7 +109,7 @@ class Shutdown:
     pass
 
 
-WorkerToSupervisor = Hello | Heartbeat | Phase | WorkerEvent | Reply
+WorkerToSupervisor = Hello | Heartbeat | Phase | WorkerEvent | WorkerEvents | Reply
 SupervisorToWorker = Action | Heartbeat | Sleep | Shutdown
 WorkerMessage = WorkerToSupervisor | SupervisorToWorker
 
@@ -110,6 +128,9 @@ def encode(msg: WorkerMessage) -> bytes:
         case WorkerEvent():
             body = {"t": "event", "seq": msg.seq, "epoch": msg.epoch, "name": msg.name,
                     "payload": msg.payload}
+        case WorkerEvents():
+            body = {"t": "events", "first": msg.first, "epoch": msg.epoch, "names": msg.names,
+                    "payloads": msg.payloads}
         case Reply():
             body = {"t": "reply", "id": msg.id, "ok": msg.ok}
             if msg.ok:
@@ -166,6 +187,8 @@ def decode(data: bytes) -> WorkerMessage:
                 name=_field(body, "name", str),
                 payload=_field(body, "payload", dict),
             )
+        case "events":
+            return _events(body)
         case "reply":
             ok = _field(body, "ok", bool)
             if ok:
@@ -181,3 +204,45 @@ def decode(data: bytes) -> WorkerMessage:
             return Shutdown()
         case other:
             raise ProtocolError(f"unknown worker message type {other!r:.50}")
+
+
+def _events(body: dict[str, Any]) -> WorkerEvents:
+    first = _field(body, "first", int)
+    names = _field(body, "names", list)
+    payloads = _field(body, "payloads", list)
+    if first < 1 or len(names) != len(payloads) or not names:
+        raise ProtocolError("worker message 'events': needs first >= 1 and as many names "
+                            "as payloads, at least one")
+    if not all(isinstance(n, str) for n in names) or not all(isinstance(p, bytes) for p in payloads):
+        raise ProtocolError("worker message 'events': names must be strings, payloads bytes")
+    return WorkerEvents(first, _field(body, "epoch", str), names, payloads)
+
+
+def expand(msg: WorkerToSupervisor) -> list[WorkerToSupervisor]:
+    """A batch as the single messages it stands for; any other message as itself.
+
+    Raises `ProtocolError` if a payload is not a CBOR map (nothing of the batch is then
+    returned, so a receiver never relays half of a malformed batch).
+    """
+    if not isinstance(msg, WorkerEvents):
+        return [msg]
+    events: list[WorkerToSupervisor] = []
+    for i, (name, blob) in enumerate(zip(msg.names, msg.payloads, strict=True)):
+        try:
+            payload = cbor2.loads(blob)
+        except Exception as exc:
+            raise ProtocolError(f"worker message 'events': payload {i} is not valid CBOR: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"worker message 'events': payload {i} is not a CBOR map")
+        events.append(WorkerEvent(msg.first + i, msg.epoch, name, payload))
+    return events
+
+
+def decode_all(data: bytes) -> list[WorkerToSupervisor]:
+    """Decode one worker → supervisor frame into the messages it carries, in order.
+
+    Raises `ProtocolError` and nothing else (also for a supervisor → worker message)."""
+    msg = decode(data)
+    if isinstance(msg, (Action, Sleep, Shutdown)):
+        raise ProtocolError(f"worker sent a supervisor message {type(msg).__name__}")
+    return expand(msg)

@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmworker.logs import configure
 
     from .app import Supervisor, VmHostError
+    from .fdlimit import raise_nofile_limit
 
     overrides: dict[str, Any] = {}
     if args.listen:
@@ -80,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     faulthandler.enable()
     # Event logs, disk images and everything else under the state dir: the service's alone.
     os.umask(0o077)
+    raise_nofile_limit()
     try:
         supervisor = Supervisor(config)
     except VmHostError as err:

@@ -20,6 +20,9 @@ from protocol.errors import ProtocolError
 
 log = structlog.get_logger("supervisor.hub")
 
+# Messages handled between two yields to the event loop (a batch frame counts its events).
+YIELD_EVERY = 256
+
 OnMessage = Callable[[str, wire.WorkerToSupervisor], None]
 
 
@@ -59,13 +62,13 @@ class WorkerHub:
         return bool(int(self._sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
     async def _recv_loop(self) -> None:
-        received = 0
+        handled = 0
         while True:
             frames = await self._sock.recv_multipart()
-            received += 1
-            if received % 64 == 0:
+            if handled >= YIELD_EVERY:
                 # zmq.asyncio returns queued frames without yielding: under a flood of
                 # events, let connections, heartbeats and the watchdog run.
+                handled = 0
                 await asyncio.sleep(0)
             if len(frames) != 2:
                 log.warning("worker_frame_malformed", parts=len(frames))
@@ -74,16 +77,19 @@ class WorkerHub:
             try:
                 actor_id = identity.decode()
                 msg = wire.decode(data)
+                if isinstance(msg, (wire.Action, wire.Sleep, wire.Shutdown)):
+                    log.warning("worker_message_unexpected", actor=actor_id, type=type(msg).__name__)
+                    continue
+                messages = wire.expand(msg)
             except (UnicodeDecodeError, ProtocolError) as exc:
                 log.warning("worker_message_invalid", error=str(exc))
                 continue
-            if isinstance(msg, (wire.Action, wire.Sleep, wire.Shutdown)):
-                log.warning("worker_message_unexpected", actor=actor_id, type=type(msg).__name__)
-                continue
-            try:
-                self._on_message(actor_id, msg)
-            except Exception:
-                log.exception("worker_message_handler_failed", actor=actor_id)
+            handled += len(messages)
+            for message in messages:
+                try:
+                    self._on_message(actor_id, message)
+                except Exception:
+                    log.exception("worker_message_handler_failed", actor=actor_id)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -76,6 +76,17 @@ class EventRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event as its row: `payload` is the CBOR map (with "seq") that is stored."""
+
+    seq: int
+    name: str
+    session_id: str | None
+    payload: bytes
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
 class SessionRow:
     session_id: str
     agent_type: str
@@ -149,6 +160,14 @@ class EventLog:
 
     def write_batch(self, events: Sequence[EventRecord], sessions: Iterable[SessionRow]) -> None:
         """Commit events and session rows in one transaction (the group commit)."""
+        self.write_encoded(
+            [EncodedEvent(e.seq, e.name, e.session_id, cbor2.dumps(e.payload), e.created_at)
+             for e in events],
+            sessions,
+        )
+
+    def write_encoded(self, events: Sequence[EncodedEvent], sessions: Iterable[SessionRow]) -> None:
+        """`write_batch` for payloads already encoded (the outbox encodes each once)."""
         if events and events[0].seq != self.last_seq + 1:
             # The outbox hands seqs out in order; a hole here would break the contract
             # every reader relies on, so refuse rather than write it.
@@ -159,10 +178,7 @@ class EventLog:
             conn.executemany(
                 "INSERT INTO events (seq, name, session_id, payload, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                [
-                    (e.seq, e.name, e.session_id, cbor2.dumps(e.payload), e.created_at)
-                    for e in events
-                ],
+                [(e.seq, e.name, e.session_id, e.payload, e.created_at) for e in events],
             )
             conn.executemany(
                 "INSERT INTO sessions (session_id, agent_type, options, created_at, status)"

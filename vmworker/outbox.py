@@ -4,8 +4,9 @@ Owns `seq` assignment and the order of every outbound frame. `append()` gives a 
 event the next seq at the moment it is called; `send()` queues a non-durable message
 (hello, phase, reply, heartbeat) behind everything queued before it. One writer task
 drains the queue in batches: it commits every durable event of the batch in a single
-SQLite transaction (on the log's own thread), then sends the whole batch in queue order.
-So an event is never sent before it is committed, and a reply queued after an action's
+SQLite transaction (on the log's own thread), then sends the whole batch in queue order,
+each run of consecutive events as one `events` frame carrying the payload bytes that were
+committed (an event is CBOR-encoded once, for disk and wire). So an event is never sent before it is committed, and a reply queued after an action's
 events is never sent before them. This module never reorders, never drops, and never
 sends an event whose commit failed: a failed commit stops the writer, and the worker
 exits, because the contract "persist, then publish" can no longer be kept.
@@ -20,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protocol.errors import ActorvisorError, ErrorCode
-from protocol.worker import MAX_WORKER_MESSAGE, WorkerEvent, WorkerToSupervisor, encode
+import cbor2
 
-from .eventlog import EventLog, EventRecord, SessionRow, now_ms
+from protocol.errors import ActorvisorError, ErrorCode
+from protocol.worker import MAX_WORKER_MESSAGE, WorkerEvents, WorkerToSupervisor, encode
+
+from .eventlog import EncodedEvent, EventLog, SessionRow, now_ms
 
 # A batch bigger than this is split, so one transaction (and the latency it adds to the
 # first event in it) stays bounded even when an agent floods the queue.
@@ -31,12 +34,16 @@ MAX_BATCH: Final = 4096
 # Producers that get this far ahead of the disk wait in `append()`: backpressure instead
 # of unbounded memory.
 HIGH_WATER: Final = 16384
+# One `events` frame carries at most this many payload bytes: the supervisor handles a
+# frame in one go, so this bounds how long one frame holds its event loop.
+FRAME_BYTES: Final = 256 * 1024
+# Room for a frame's envelope and an event's name and length prefixes.
+_FRAME_OVERHEAD: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class _Durable:
-    record: EventRecord
-    frame: bytes
+    record: EncodedEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +64,47 @@ class _Delete:
 _Item = _Durable | _Plain | _SessionWrite | _Delete
 
 
+def _too_large(size: int) -> ActorvisorError:
+    return ActorvisorError(ErrorCode.MESSAGE_TOO_LARGE,
+                           f"result is {size} bytes; one message carries at most "
+                           f"{MAX_WORKER_MESSAGE}")
+
+
 def _encode(msg: WorkerToSupervisor) -> bytes:
     frame = encode(msg)
     if len(frame) > MAX_WORKER_MESSAGE:
         # The supervisor would drop it as malformed and the caller would wait forever.
-        raise ActorvisorError(ErrorCode.MESSAGE_TOO_LARGE,
-                              f"result is {len(frame)} bytes; one message carries at most "
-                              f"{MAX_WORKER_MESSAGE}")
+        raise _too_large(len(frame))
     return frame
+
+
+def _frames(batch: list[_Item], epoch: str) -> list[bytes]:
+    """What a committed batch sends, in queue order: each run of consecutive events as
+    `events` frames of at most FRAME_BYTES of payload (or one event), each plain message
+    as its own frame."""
+    frames: list[bytes] = []
+    run: list[EncodedEvent] = []
+    size = 0
+
+    def close_run() -> None:
+        nonlocal size
+        if run:
+            frames.append(encode(WorkerEvents(run[0].seq, epoch, [e.name for e in run],
+                                              [e.payload for e in run])))
+            run.clear()
+            size = 0
+
+    for item in batch:
+        if isinstance(item, _Durable):
+            if run and size + len(item.record.payload) > FRAME_BYTES:
+                close_run()
+            run.append(item.record)
+            size += len(item.record.payload)
+        elif isinstance(item, _Plain):
+            close_run()
+            frames.append(item.frame)
+    close_run()
+    return frames
 
 
 class Outbox:
@@ -95,12 +135,13 @@ class Outbox:
     def append_nowait(self, name: str, payload: dict[str, Any], session_id: str | None = None) -> int:
         """`append` without backpressure, for paths that must not await (cancellation)."""
         seq = self.last_seq + 1
-        record = EventRecord(seq, name, session_id, {**payload, "seq": seq}, now_ms())
         # Encoding here, not in the writer, makes a payload that cannot be encoded the
         # caller's error, before it consumes a seq, instead of a dead writer.
-        frame = _encode(WorkerEvent(seq, self.epoch, name, record.payload))
+        blob = cbor2.dumps({**payload, "seq": seq})
+        if len(blob) + len(name) + _FRAME_OVERHEAD > MAX_WORKER_MESSAGE:
+            raise _too_large(len(blob))
         self.last_seq = seq
-        self._put(_Durable(record, frame))
+        self._put(_Durable(EncodedEvent(seq, name, session_id, blob, now_ms())))
         return seq
 
     def send(self, msg: WorkerToSupervisor) -> None:
@@ -141,12 +182,11 @@ class Outbox:
                 events = [i.record for i in batch if isinstance(i, _Durable)]
                 sessions = [i.row for i in batch if isinstance(i, _SessionWrite)]
                 if events or sessions:
-                    await loop.run_in_executor(self._executor, self._log.write_batch, events, sessions)
+                    await loop.run_in_executor(self._executor, self._log.write_encoded, events, sessions)
                 if deletes := [seq for i in batch if isinstance(i, _Delete) for seq in i.seqs]:
                     await loop.run_in_executor(self._executor, self._log.delete_events, deletes)
-                for item in batch:
-                    if isinstance(item, (_Durable, _Plain)):
-                        await self._send(item.frame)
+                for frame in _frames(batch, self.epoch):
+                    await self._send(frame)
                 async with self._progress:
                     self._done += len(batch)
                     self._progress.notify_all()

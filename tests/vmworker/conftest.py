@@ -11,7 +11,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from protocol.worker import WorkerToSupervisor, decode
+from protocol.worker import WorkerToSupervisor, decode_all
 from tests.support import vm_settings
 from vmworker.actions import Actions
 from vmworker.eventlog import EventLog, EventReader
@@ -72,7 +72,7 @@ async def actor(tmp_path: Path) -> AsyncIterator[InProcessActor]:
     async def send(frame: bytes) -> None:
         # Round-trip through the real codec, exactly as the supervisor would see it.
         cbor2.loads(frame)
-        sent.append(decode(frame))
+        sent.extend(decode_all(frame))
 
     outbox = Outbox(log, send, writer)
     vm = Vm(actor_dir, "a1", tmp_path, 0.0, vm_settings(tmp_path), lambda kind, payload: None)

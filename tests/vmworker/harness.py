@@ -31,7 +31,7 @@ from protocol.worker import (
     SupervisorToWorker,
     WorkerEvent,
     WorkerToSupervisor,
-    decode,
+    decode_all,
     encode,
 )
 from tests.support import descendants, vm_settings
@@ -99,11 +99,12 @@ class WorkerHarness:
         while True:
             identity, frame = await self.router.recv_multipart()
             self.identity = identity
-            msg = decode(frame)
-            if isinstance(msg, WorkerEvent) and not self._committed(msg.seq):
-                self.uncommitted.append(msg.seq)
+            messages = decode_all(frame)
+            for msg in messages:
+                if isinstance(msg, WorkerEvent) and not self._committed(msg.seq):
+                    self.uncommitted.append(msg.seq)
             async with self._arrived:
-                self.received.append(msg)  # type: ignore[arg-type]
+                self.received.extend(messages)
                 self._arrived.notify_all()
             # zmq.asyncio's recv does not yield while frames are queued: without this a
             # flood would starve the heartbeat task (and the worker would leave).

@@ -8,7 +8,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from vmworker.eventlog import EventLog, EventReader, EventRecord, SessionRow
+from vmworker.eventlog import EncodedEvent, EventLog, EventReader, EventRecord, SessionRow
 
 
 def record(seq: int, name: str = "e", session: str | None = None) -> EventRecord:
@@ -100,4 +100,19 @@ def test_sessions_round_trip_and_status_updates(tmp_path: Path) -> None:
     log.write_batch([], [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "idle")])
     log.write_batch([], [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "closed")])
     assert log.load_sessions() == [SessionRow("s1", "local", {"env": {"A": "1"}}, 7, "closed")]
+    log.close()
+
+
+def test_encoded_rows_are_stored_verbatim_and_keep_the_seq_contract(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    blobs = [cbor2.dumps({"seq": seq, "x": "y" * seq}) for seq in (1, 2, 3)]
+    log.write_encoded([EncodedEvent(i + 1, "e", None, b, 7) for i, b in enumerate(blobs)], [])
+    with pytest.raises(RuntimeError, match="seq gap"):
+        log.write_encoded([EncodedEvent(5, "e", None, blobs[0], 7)], [])
+    assert log.last_seq == 3
+    stored = [r[0] for r in sqlite3.connect(log.path).execute("SELECT payload FROM events ORDER BY seq")]
+    assert stored == blobs
+    reader = EventReader(log.path)
+    assert [e.payload for e in reader.read(0, 10).events] == [cbor2.loads(b) for b in blobs]
+    reader.close()
     log.close()

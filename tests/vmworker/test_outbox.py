@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import ActorvisorError, ErrorCode
-from protocol.worker import Reply, WorkerEvent, decode
-from vmworker.eventlog import EventLog, EventReader, EventRecord, SessionRow
+from protocol.worker import Reply, WorkerEvent, WorkerEvents, decode, decode_all
+from vmworker.eventlog import EncodedEvent, EventLog, EventReader, SessionRow
 from vmworker.outbox import Outbox
 
 
@@ -21,9 +21,9 @@ class _SlowLog(EventLog):
 
     batches: list[int] = []
 
-    def write_batch(self, events: Sequence[EventRecord], sessions: Iterable[SessionRow]) -> None:
+    def write_encoded(self, events: Sequence[EncodedEvent], sessions: Iterable[SessionRow]) -> None:
         time.sleep(0.02)
-        super().write_batch(events, sessions)
+        super().write_encoded(events, sessions)
         self.batches.append(len(events))
 
 
@@ -34,10 +34,9 @@ async def test_outbox_commits_before_send_in_order_and_groups_commits(tmp_path: 
     sent: list[tuple[object, int]] = []
 
     async def send(frame: bytes) -> None:
-        msg = decode(frame)
         # What was committed at the moment of sending: the event must already be there.
         committed = reader.read(0, 100_000).next_cursor
-        sent.append((msg, committed))
+        sent.extend((msg, committed) for msg in decode_all(frame))
 
     with ThreadPoolExecutor(1) as executor:
         outbox = Outbox(log, send, executor)
@@ -85,3 +84,76 @@ async def test_outbox_refuses_a_message_the_supervisor_would_drop(
         assert info.value.code is ErrorCode.MESSAGE_TOO_LARGE
         outbox.send(Reply(1, True, "small"))
     log.close()
+
+
+async def test_outbox_batches_events_into_frames_of_committed_bytes_keeping_queue_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmworker.outbox.FRAME_BYTES", 2000)
+    log = _SlowLog.open(tmp_path / "events.db")
+    log.batches = []
+    frames: list[bytes] = []
+
+    async def send(frame: bytes) -> None:
+        frames.append(frame)
+
+    with ThreadPoolExecutor(1) as executor:
+        outbox = Outbox(log, send, executor)
+        writer = asyncio.create_task(outbox.run())
+        await outbox.append("e", {"i": 0})
+        await asyncio.sleep(0.005)  # the writer is inside its first (slow) commit
+        expected: list[object] = []
+        for i in range(1, 400):
+            await outbox.append("e" if i % 3 else "f", {"i": i, "pad": "x" * (i % 50)})
+            expected.append(("event", i))
+            if i % 97 == 0:
+                outbox.send(Reply(i, True, i))
+                expected.append(("reply", i))
+        await asyncio.wait_for(outbox.flush(), 10)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    rows = {seq: blob for seq, blob in log._conn.execute("SELECT seq, payload FROM events")}
+    log.close()
+
+    batches = [decode(f) for f in frames]
+    messages = [m for f in frames for m in decode_all(f)]
+    got = [("reply", m.id) if isinstance(m, Reply) else ("event", m.payload["i"])
+           for m in messages if isinstance(m, (Reply, WorkerEvent))]
+    assert got[1:] == expected  # the queue's order, every event once
+    events = [m for m in messages if isinstance(m, WorkerEvent)]
+    assert [e.seq for e in events] == list(range(1, 401))
+    assert all(e.name == ("f" if e.payload["i"] % 3 == 0 and e.seq > 1 else "e") for e in events)
+    # Many events per frame, no frame over the payload budget unless it is one event, and
+    # the bytes on the wire are the very bytes committed (encoded once).
+    runs = [b for b in batches if isinstance(b, WorkerEvents)]
+    assert len(runs) < 40 and max(len(b.names) for b in runs) > 10
+    assert all(sum(map(len, b.payloads)) <= 2000 or len(b.payloads) == 1 for b in runs)
+    assert all(rows[b.first + i] == p for b in runs for i, p in enumerate(b.payloads))
+
+
+async def test_outbox_sends_nothing_of_a_batch_whose_commit_failed(tmp_path: Path) -> None:
+    class _FailingLog(EventLog):
+        fail = False
+
+        def write_encoded(self, events: Sequence[EncodedEvent], sessions: Iterable[SessionRow]) -> None:
+            if self.fail:
+                raise OSError("disk gone")
+            super().write_encoded(events, sessions)
+
+    log = _FailingLog.open(tmp_path / "events.db")
+    sent: list[object] = []
+
+    async def send(frame: bytes) -> None:
+        sent.extend(decode_all(frame))
+
+    with ThreadPoolExecutor(1) as executor:
+        outbox = Outbox(log, send, executor)
+        writer = asyncio.create_task(outbox.run())
+        await outbox.append("e", {})
+        await outbox.flush()
+        log.fail = True
+        for _ in range(50):
+            await outbox.append("e", {})
+        with pytest.raises(OSError):
+            await asyncio.wait_for(writer, 10)
+    log.close()
+    assert [m.seq for m in sent if isinstance(m, WorkerEvent)] == [1]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sqlite3
 import time
 
+import cbor2
+
 from protocol.errors import ErrorCode
-from protocol.worker import Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
+from protocol.worker import Action, Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
 from tests.support import LONG_SLEEP, leftover_sleeps
 
 from .harness import WorkerHarness, descendants
@@ -194,3 +198,35 @@ async def test_boot_failure_is_reported_and_fails_vm_actions(harness: WorkerHarn
     health = await harness.call("getRuntimeHealth")
     assert (health["phase"], health["booted"]) == ("failed", False)
     assert isinstance(await harness.request("listSessions"), Reply)
+
+
+async def test_kill_9_mid_flood_loses_nothing_that_was_sent_and_reuses_no_seq(
+        harness: WorkerHarness) -> None:
+    await harness.start()
+    await harness.wait_event("vmBooted")
+    session_id = (await harness.call("createSession", "local"))["sessionId"]
+    await harness.send(Action(99, "sendPrompt", [session_id, "chunks: 20000"]))
+    # Batched frames are arriving: kill the worker while commits and sends are in flight.
+    await harness.wait_for(lambda m: isinstance(m, WorkerEvent) and m.payload.get("event", {})
+                           .get("params", {}).get("update", {}).get("content", {})
+                           .get("text") == "chunk 3000 of 20000\n", timeout=60)
+    assert harness.proc is not None
+    os.killpg(harness.proc.pid, signal.SIGKILL)
+    await harness.wait_exit()
+    await asyncio.sleep(0.2)  # frames libzmq had already taken in
+    sent = events(harness)
+    seqs = [e.seq for e in sent]
+    assert seqs == list(range(1, len(seqs) + 1)), "every seq once, in order"
+    assert harness.uncommitted == [], "an event was sent before its commit"
+    assert not any(isinstance(m, Reply) and m.id == 99 for m in harness.received)
+
+    with sqlite3.connect(f"file:{harness.actor_dir / 'events.db'}?mode=ro", uri=True) as db:
+        rows = dict(db.execute("SELECT seq, payload FROM events WHERE seq <= ?", (seqs[-1],)).fetchall())
+        last = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    assert {seq: cbor2.loads(blob) for seq, blob in rows.items()} == {e.seq: e.payload for e in sent}
+    # The restarted worker continues after everything committed, never reusing a seq a
+    # subscriber may have seen.
+    await harness.start()
+    hello = harness.received[0]
+    assert isinstance(hello, Hello) and hello.last_seq == last >= seqs[-1]
+    assert (await harness.wait_event("vmBooted")).seq == last + 1
