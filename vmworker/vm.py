@@ -30,7 +30,9 @@ from protocol.names import WorkerPhase
 
 from . import vminit, vmroot
 from .cgroups import CgroupRoot, Limits, VmCgroup
-from .sandbox import ExecResult, Machine, MachineSpec
+from .egress import EgressProxy, Reporter
+from .netpolicy import Policy
+from .sandbox import BRIDGE_PATH, EGRESS_SOCKET, PROXY_PORT, ExecResult, Machine, MachineSpec
 from .vmfs import WORKSPACE, VmFs, VmPath, normalize
 
 DEFAULT_EXEC_TIMEOUT_S: Final = 60.0
@@ -58,6 +60,8 @@ class VmSettings:
     cgroup_root: str | None = None   # CgroupRoot.to_arg(), None: no cgroups on this host
     init_binary: str = ""
     unsafe_no_limits: bool = False
+    network_allow: tuple[str, ...] = ()   # the service's default egress allow rules
+    network_deny: tuple[str, ...] = ()
 
     def to_arg(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -102,6 +106,19 @@ def refusal(missing: list[str]) -> str:
             "with --unsafe-no-limits to run VMs without these limits")
 
 
+def _ignore(_: dict[str, object]) -> None:
+    return None
+
+
+def _fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
+    # Owned by the VM's identity so bwrap (running as it) can bind it; the VM could
+    # replace the socket, but only with one of its own: it reaches nothing more.
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o755)
+    if uid is not None and gid is not None:
+        os.chown(path, uid, gid)
+
+
 def _as_identity(uid: int, gid: int) -> Callable[[], None]:
     def become() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -113,7 +130,8 @@ def _as_identity(uid: int, gid: int) -> Callable[[], None]:
 
 class Vm:
     def __init__(self, actor_dir: Path, actor_id: str, state_dir: Path, boot_delay_s: float,
-                 settings: VmSettings, on_limit: Callable[[str, dict[str, Any]], None]) -> None:
+                 settings: VmSettings, on_limit: Callable[[str, dict[str, Any]], None],
+                 on_network: Callable[[dict[str, object]], None] | None = None) -> None:
         self.actor_dir = actor_dir
         self.actor_id = actor_id
         self.state_dir = state_dir
@@ -132,6 +150,8 @@ class Vm:
         self._fs_pool: ThreadPoolExecutor | None = None
         self._watch: asyncio.Task[None] | None = None
         self._disk_mounted = False
+        self.policy = Policy.parse(settings.network_allow, settings.network_deny)
+        self._proxy = EgressProxy(lambda: self.policy, Reporter(on_network or _ignore))
 
     async def boot(self) -> int:
         """Make the VM's identity, disk and cgroup, start its sandbox, prove it runs a
@@ -172,16 +192,43 @@ class Vm:
             await asyncio.to_thread(self.cgroup.create, s.limits)
         # Emulates a slow VM image; the worker answers health checks meanwhile.
         await asyncio.sleep(self._boot_delay_s)
+        # On the VM's disk (outside its bound dirs): bwrap, as the VM's identity, can reach it.
+        egress_dir = self.root / "egress"
+        await asyncio.to_thread(_fresh_dir, egress_dir, ident.uid if ident.dedicated else None,
+                                ident.gid if ident.dedicated else None)
+        await self._proxy.start_unix(str(egress_dir / "egress.sock"))
+        # The VM's identity must be able to connect; nothing else of this dir is its.
+        os.chmod(egress_dir / "egress.sock", 0o666)
         spec = MachineSpec(self.root, Path(s.init_binary),
                            ident.uid if ident.dedicated else None,
-                           ident.gid if ident.dedicated else None, s.shm_mb)
+                           ident.gid if ident.dedicated else None, s.shm_mb, egress_dir)
         self.machine = await Machine.start(spec, self._before_init_runs)
         self.machine.gone.add_done_callback(self._machine_gone)
         probe = await self.machine.run(["true"], timeout_s=30.0)
         if probe.exit_code != 0:
             raise RuntimeError(f"sandbox self-test failed (exit {probe.exit_code}): "
                                f"{probe.stderr.strip()[:500]}")
+        await self._start_bridge()
         self._watch = asyncio.create_task(self._watch_limits(), name="vm-limits")
+
+    async def _start_bridge(self) -> None:
+        """The loopback port in the VM that leads to the proxy; up before any command runs."""
+        assert self.machine is not None
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            await self.machine.spawn(["python3", BRIDGE_PATH, str(PROXY_PORT), EGRESS_SOCKET],
+                                     env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                                     stdio=(devnull, out_w, devnull))
+        finally:
+            os.close(out_w)
+            os.close(devnull)
+        try:
+            ready = await asyncio.wait_for(asyncio.to_thread(os.read, out_r, 16), 30.0)
+        finally:
+            os.close(out_r)
+        if ready != b"ready\n":
+            raise RuntimeError("the VM's network bridge did not start")
 
     def _missing_limits(self, ident: vmroot.Identity) -> list[str]:
         missing = []
@@ -216,6 +263,7 @@ class Vm:
             await asyncio.gather(self._watch, return_exceptions=True)
         if self.machine is not None:
             await self.machine.shutdown(STOP_GRACE_S)
+        await self._proxy.close()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.destroy)
         if self._fs_pool is not None:

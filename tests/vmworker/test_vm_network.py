@@ -1,0 +1,73 @@
+"""The VM's way out, seen from inside a real VM: only the proxy, and only what the policy allows.
+
+Boots a real VM in-process (bwrap, vminit, the bridge) with an upstream HTTP server on the
+host's 127.0.0.1 standing in for the internet; curl in the VM uses the proxy variables it
+is given, nothing else."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.support import free_port, vm_settings
+from vmworker.netpolicy import Policy
+from vmworker.vm import Vm
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containment needs the service's root")
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[int]:
+    async def page(r: web.Request) -> web.Response:
+        return web.Response(text="hello from upstream")
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def vm(tmp_path: Path) -> AsyncIterator[tuple[Vm, list[dict[str, Any]]]]:
+    state = tmp_path / "state"
+    actor_dir = state / "actors" / f"t{secrets.token_hex(4)}"
+    actor_dir.mkdir(parents=True)
+    reports: list[dict[str, Any]] = []
+    machine = Vm(actor_dir, actor_dir.name, state, 0.0,
+                 vm_settings(state, memory_mb=256, pids=128, cpus=0.5), lambda *_: None, reports.append)
+    try:
+        await machine.boot()
+        yield machine, reports
+    finally:
+        await machine.stop()
+
+
+async def test_default_deny_then_allowed_by_rule(vm: tuple[Vm, list[dict[str, Any]]], upstream: int) -> None:
+    machine, reports = vm
+    url = f"http://127.0.0.1:{upstream}/"
+    # NO_PROXY names loopback for servers inside the VM; the host's upstream goes via the proxy.
+    curl = f"curl -sS --noproxy '' -w ' %{{http_code}}' {url}"
+    r = await machine.exec(curl)
+    assert r.stdout.endswith(" 403") and "blocked by network policy" in r.stdout, r
+    assert reports[-1]["allowed"] is False and reports[-1]["port"] == upstream
+    # Around the proxy: the VM's own loopback has no such server, and there is no other way.
+    r = await machine.exec(f"curl -sS --noproxy '*' {url}")
+    assert r.exit_code != 0
+    machine.policy = Policy.parse(allow=[f"127.0.0.1:{upstream}"])
+    r = await machine.exec(curl)
+    assert r.stdout == "hello from upstream 200", r
+    assert reports[-1]["allowed"] is True and reports[-1]["rule"] == f"allow 127.0.0.1:{upstream}"
+    r = await machine.exec(f"python3 -c \"import urllib.request as u; "
+                           f"print(u.urlopen('{url}').read().decode())\"", env={"NO_PROXY": "", "no_proxy": ""})
+    assert r.stdout.strip() == "hello from upstream", r
