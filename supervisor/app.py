@@ -31,6 +31,7 @@ from protocol import worker as wire
 from protocol.errors import ActorvisorError
 from protocol.names import ShutdownReason
 from vmworker.cgroups import CgroupRoot
+from vmworker.netpolicy import Policy, PolicyError
 from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
@@ -77,7 +78,13 @@ def prepare_vms(config: Config) -> VmSettings:
     config.state_dir.chmod(0o700)
     wanted = VmSettings(memory_mb=config.vm_memory_mb, pids=config.vm_pids, cpus=config.vm_cpus,
                         disk_mb=config.vm_disk_mb, shm_mb=config.vm_shm_mb,
-                        uid_base=config.vm_uid_base, unsafe_no_limits=config.unsafe_no_limits)
+                        uid_base=config.vm_uid_base, unsafe_no_limits=config.unsafe_no_limits,
+                        network_allow=tuple(config.network_allow),
+                        network_deny=tuple(config.network_deny))
+    try:
+        Policy.parse(wanted.network_allow, wanted.network_deny)
+    except PolicyError as exc:
+        raise VmHostError(f"network policy: {exc}") from None
     try:
         settings, missing = wanted.for_host(config.state_dir)
     except (ValueError, RuntimeError) as exc:

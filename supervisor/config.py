@@ -34,6 +34,12 @@ def load_file(path: Path) -> dict[str, object]:
             values["host"], values["port"] = parse_listen(str(value))
         elif key in ("state_dir", "runtime_dir"):
             values[key] = Path(str(value))
+        elif key == "network" and isinstance(value, dict):
+            for rule_kind, rules in value.items():
+                if rule_kind not in ("allow", "deny") or not isinstance(rules, list):
+                    raise ValueError(f"{path}: [network] takes allow = [...] and deny = [...], "
+                                     f"got {rule_kind!r}")
+                values[f"network_{rule_kind}"] = tuple(str(r) for r in rules)
         elif key in known:
             values[key] = value
         else:
@@ -83,6 +89,9 @@ class Config:
     vm_shm_mb: int = 64
     vm_uid_base: int = 0x70000000
     unsafe_no_limits: bool = False     # run VMs even where these bounds cannot be applied
+    # Every VM's default egress policy (`[network]` allow/deny; docs/network.md).
+    network_allow: tuple[str, ...] = ()
+    network_deny: tuple[str, ...] = ()
 
     @property
     def listen(self) -> str:

@@ -166,6 +166,7 @@ class Actions:
             ActionName.CLOSE_SHELL: spec(self._close_shell, ("shellId",), True),
             ActionName.WAIT_SHELL: spec(self._wait_shell, ("shellId",), True),
             ActionName.LIST_SHELLS: spec(self._list_shells, (), True),
+            ActionName.GET_NETWORK_POLICY: spec(self._get_network_policy, (), False),
         }
 
     async def dispatch(self, name: str, args: list[Any]) -> Any:
@@ -410,6 +411,11 @@ class Actions:
 
     async def _list_shells(self, a: Args) -> Any:
         return self._procs.list_shells()
+
+    # network
+
+    async def _get_network_policy(self, a: Args) -> Any:
+        return self._vm.policy.to_wire()
 
     # runtime
 

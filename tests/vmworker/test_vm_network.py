@@ -71,3 +71,18 @@ async def test_default_deny_then_allowed_by_rule(vm: tuple[Vm, list[dict[str, An
     r = await machine.exec(f"python3 -c \"import urllib.request as u; "
                            f"print(u.urlopen('{url}').read().decode())\"", env={"NO_PROXY": "", "no_proxy": ""})
     assert r.stdout.strip() == "hello from upstream", r
+
+
+def test_service_config_sets_the_default_policy(tmp_path: Path) -> None:
+    from supervisor.app import VmHostError, prepare_vms
+    from supervisor.config import Config, load_file
+    conf = tmp_path / "a.toml"
+    conf.write_text('[network]\nallow = ["*.example.com", "127.0.0.1:8080"]\ndeny = ["x.example.com"]\n')
+    values = load_file(conf)
+    assert values["network_allow"] == ("*.example.com", "127.0.0.1:8080")
+    assert values["network_deny"] == ("x.example.com",)
+    conf.write_text('[network]\nwiden = ["a.com"]\n')
+    with pytest.raises(ValueError, match=r"\[network\]"):
+        load_file(conf)
+    with pytest.raises(VmHostError, match="network policy: rule 'a..b'"):
+        prepare_vms(Config(state_dir=tmp_path / "s", network_allow=("a..b",)))
