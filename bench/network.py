@@ -24,8 +24,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support import free_port, vm_settings  # noqa: E402
-from vmworker.netpolicy import Policy  # noqa: E402
 from vmworker import vmroot  # noqa: E402
+from vmworker.netpolicy import Policy  # noqa: E402
 from vmworker.vm import Vm  # noqa: E402
 
 
