@@ -43,6 +43,7 @@ class ActionName(StrEnum):
     WAIT_SHELL = "waitShell"
     LIST_SHELLS = "listShells"
     GET_NETWORK_POLICY = "getNetworkPolicy"
+    VM_FETCH = "vmFetch"
 
 
 class EventName(StrEnum):

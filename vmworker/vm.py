@@ -12,6 +12,7 @@ decides what is sent to the supervisor: the caller turns a finished boot into `v
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import json
 import os
@@ -42,6 +43,21 @@ LIMIT_POLL_S: Final = 1.0
 LIMIT_REPORT_EVERY_S: Final = {"memory": 5.0, "pids": 5.0, "disk": 5.0, "cpu": 60.0}
 DISK_FULL_FRACTION: Final = 0.98
 SYS_SETGROUPS: Final = 116  # x86-64; the raw call changes only the calling thread
+
+MAX_FETCH_BODY: Final = 512 * 1024     # response bodies beyond this are an error
+FETCH_TIMEOUT_S: Final = 30.0
+_FETCH: Final = """
+import base64, http.client, json, sys
+a = json.loads(base64.b64decode(sys.argv[1]))
+c = http.client.HTTPConnection("127.0.0.1", a["port"], timeout=25)
+c.request(a["method"], a["path"], body=base64.b64decode(a["body"]) or None, headers=a["headers"])
+r = c.getresponse()
+data = r.read(a["limit"] + 1)
+if len(data) > a["limit"]:
+    sys.exit("response body larger than %d bytes" % a["limit"])
+print(json.dumps({"status": r.status, "statusText": r.reason, "headers": dict(r.getheaders()),
+                  "body": base64.b64encode(data).decode()}))
+"""
 
 log = structlog.get_logger()
 
@@ -366,6 +382,21 @@ class Vm:
         if self.machine is None:
             raise ActorvisorError(ErrorCode.STOPPED, "the VM is not running")
         return await self.machine.run(argv, cwd=str(target), env=env, timeout_s=timeout_s)
+
+    async def fetch(self, port: int, path: str, method: str, headers: dict[str, str],
+                    body: bytes) -> dict[str, Any]:
+        """One HTTP request to 127.0.0.1:port inside the VM, made by a short-lived python3
+        in the VM (its loopback is reachable from nowhere else); the body is bounded."""
+        request = json.dumps({"port": port, "path": path, "method": method, "headers": headers,
+                              "body": base64.b64encode(body).decode(), "limit": MAX_FETCH_BODY})
+        result = await self.run(["python3", "-c", _FETCH, base64.b64encode(request.encode()).decode()],
+                                timeout_s=FETCH_TIMEOUT_S)
+        if result.exit_code != 0:
+            raise ActorvisorError(ErrorCode.INVALID_ARGS, f"vmFetch: nothing answered on port "
+                                  f"{port} in the VM: {result.stderr.strip().splitlines()[-1:]}")
+        reply = json.loads(result.stdout)
+        reply["body"] = base64.b64decode(reply["body"])
+        return dict(reply)
 
     async def _require_dir(self, path: VmPath) -> None:
         info = await self.stat(path)

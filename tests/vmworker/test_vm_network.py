@@ -6,6 +6,7 @@ is given, nothing else."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -15,9 +16,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from protocol.errors import ActorvisorError
 from tests.support import free_port, vm_settings
 from vmworker.netpolicy import Policy
 from vmworker.vm import Vm
+from vmworker.vmfs import normalize
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containment needs the service's root")
 
@@ -86,3 +89,23 @@ def test_service_config_sets_the_default_policy(tmp_path: Path) -> None:
         load_file(conf)
     with pytest.raises(VmHostError, match="network policy: rule 'a..b'"):
         prepare_vms(Config(state_dir=tmp_path / "s", network_allow=("a..b",)))
+
+
+async def test_vm_fetch_reaches_a_server_in_the_vm(vm: tuple[Vm, list[dict[str, Any]]]) -> None:
+    import asyncio
+    machine, _ = vm
+    await machine.write_file(normalize("/workspace/hello.txt"), b"hi")
+    server = asyncio.create_task(machine.exec(
+        "cd /workspace && timeout 20 python3 -m http.server 8000 >/dev/null 2>&1", timeout_s=30))
+    try:
+        for _ in range(50):
+            with contextlib.suppress(ActorvisorError):
+                reply = await machine.fetch(8000, "/", "GET", {}, b"")
+                break
+            await asyncio.sleep(0.2)
+        assert reply["status"] == 200 and b"hello.txt" in reply["body"], reply
+        with pytest.raises(ActorvisorError, match="nothing answered on port 8001"):
+            await machine.fetch(8001, "/", "GET", {}, b"")
+    finally:
+        await machine.exec("pkill -f http.server || true")
+        await server
