@@ -42,6 +42,8 @@ class ActionName(StrEnum):
     CLOSE_SHELL = "closeShell"
     WAIT_SHELL = "waitShell"
     LIST_SHELLS = "listShells"
+    GET_NETWORK_POLICY = "getNetworkPolicy"
+    VM_FETCH = "vmFetch"
 
 
 class EventName(StrEnum):
@@ -56,6 +58,7 @@ class EventName(StrEnum):
     SHELL_DATA = "shellData"
     SHELL_EXIT = "shellExit"
     OUTPUT_COMPACTED = "processOutputCompacted"
+    NETWORK_REQUEST = "networkRequest"
 
 
 class AgentType(StrEnum):

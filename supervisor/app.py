@@ -31,6 +31,7 @@ from protocol import worker as wire
 from protocol.errors import ActorvisorError
 from protocol.names import ShutdownReason
 from vmworker.cgroups import CgroupRoot
+from vmworker.netpolicy import Policy, PolicyError
 from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
@@ -79,7 +80,13 @@ def prepare_vms(config: Config) -> VmSettings:
                         disk_mb=config.vm_disk_mb, shm_mb=config.vm_shm_mb,
                         uid_base=config.vm_uid_base, unsafe_no_limits=config.unsafe_no_limits,
                         max_processes=config.vm_max_processes, max_shells=config.vm_max_shells,
-                        output_log_mb=config.vm_output_log_mb)
+                        output_log_mb=config.vm_output_log_mb,
+                        network_allow=tuple(config.network_allow),
+                        network_deny=tuple(config.network_deny))
+    try:
+        Policy.parse(wanted.network_allow, wanted.network_deny)
+    except PolicyError as exc:
+        raise VmHostError(f"network policy: {exc}") from None
     try:
         settings, missing = wanted.for_host(config.state_dir)
     except (ValueError, RuntimeError) as exc:

@@ -75,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "vm_max_processes", "vm_max_shells", "vm_output_log_mb"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.network_allow:
+        overrides["network_allow"] = tuple(args.network_allow)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     configure(config.log_level)
     # systemd's watchdog sends SIGABRT to a hung service: print every thread's stack first.
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--unsafe-no-limits", action="store_true", default=None,
                      help="run VMs even where their limits cannot be applied (not root, no "
                           "cgroups); never on a shared host")
+    run.add_argument("--network-allow", action="append", metavar="HOST",
+                     help="let every VM reach HOST (a name, *.domain or IP literal, optional "
+                          ":PORT) through its egress proxy; repeatable (docs/network.md)")
 
     top = sub.add_parser("top", help="live dashboard of the supervisor and every worker")
     top.add_argument("--url", default=_default_url())

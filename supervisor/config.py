@@ -34,6 +34,12 @@ def load_file(path: Path) -> dict[str, object]:
             values["host"], values["port"] = parse_listen(str(value))
         elif key in ("state_dir", "runtime_dir"):
             values[key] = Path(str(value))
+        elif key == "network" and isinstance(value, dict):
+            for rule_kind, rules in value.items():
+                if rule_kind not in ("allow", "deny") or not isinstance(rules, list):
+                    raise ValueError(f"{path}: [network] takes allow = [...] and deny = [...], "
+                                     f"got {rule_kind!r}")
+                values[f"network_{rule_kind}"] = tuple(str(r) for r in rules)
         elif key in known:
             values[key] = value
         else:
@@ -86,6 +92,9 @@ class Config:
     vm_max_processes: int = 64         # running processes started with `spawn`, per VM
     vm_max_shells: int = 16            # open shells (`openShell`), per VM
     vm_output_log_mb: int = 8          # output each process or shell keeps in the log
+    # Every VM's default egress policy (`[network]` allow/deny; docs/network.md).
+    network_allow: tuple[str, ...] = ()
+    network_deny: tuple[str, ...] = ()
 
     @property
     def listen(self) -> str:

@@ -37,6 +37,7 @@ MAX_COMMAND_BYTES: Final = 128 * 1024 - 1  # the kernel's limit for one argv str
 MAX_TIMEOUT_MS: Final = 3_600_000
 MAX_ARGS: Final = 4000
 MAX_TERMINAL: Final = 1000
+MAX_FETCH_REQUEST: Final = 64 * 1024      # vmFetch request bodies travel in one argv string
 
 
 def _invalid(message: str) -> ActorvisorError:
@@ -166,6 +167,8 @@ class Actions:
             ActionName.CLOSE_SHELL: spec(self._close_shell, ("shellId",), True),
             ActionName.WAIT_SHELL: spec(self._wait_shell, ("shellId",), True),
             ActionName.LIST_SHELLS: spec(self._list_shells, (), True),
+            ActionName.VM_FETCH: spec(self._vm_fetch, ("port", "path", "options"), True),
+            ActionName.GET_NETWORK_POLICY: spec(self._get_network_policy, (), False),
         }
 
     async def dispatch(self, name: str, args: list[Any]) -> Any:
@@ -410,6 +413,34 @@ class Actions:
 
     async def _list_shells(self, a: Args) -> Any:
         return self._procs.list_shells()
+
+    # network
+
+    async def _vm_fetch(self, a: Args) -> Any:
+        port = a.get(0)
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise _invalid(f"{a.what(0)} must be an integer from 1 to 65535, got {port!r:.40}")
+        path = a.string(1, max_len=8192)
+        if not path.startswith("/") or any(c in path for c in "\r\n\0 "):
+            raise _invalid(f"{a.what(1)} must start with '/' and hold no spaces or control characters")
+        opts = a.options(2, ("method", "headers", "body"))
+        method = opts.get("method", "GET")
+        if not isinstance(method, str) or not method.isalpha() or len(method) > 16:
+            raise _invalid(f"{a.what(2)}.method must be an HTTP method name")
+        headers = opts.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k.isprintable() and v.isprintable()
+                and ":" not in k for k, v in headers.items()):
+            raise _invalid(f"{a.what(2)}.headers must be an object of header names to strings")
+        body = opts.get("body", b"")
+        body = body.encode() if isinstance(body, str) else body
+        if not isinstance(body, bytes | bytearray) or len(body) > MAX_FETCH_REQUEST:
+            raise _invalid(f"{a.what(2)}.body must be a string or bytes of at most "
+                           f"{MAX_FETCH_REQUEST} bytes")
+        return await self._vm.fetch(port, path, method.upper(), headers, bytes(body))
+
+    async def _get_network_policy(self, a: Args) -> Any:
+        return self._vm.policy.to_wire()
 
     # runtime
 

@@ -136,7 +136,7 @@ class Worker:
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
         self.outbox.send(Phase(WorkerPhase.BOOTING.value))
         self.vm = Vm(cfg.actor_dir, cfg.actor_id, cfg.state_dir, cfg.boot_delay_s, cfg.vm,
-                     self._on_limit)
+                     self._on_limit, self._on_network)
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
                                        SessionLog(self.outbox, reader, reader_pool))
         self.processes = ProcessTable(self.outbox, cfg.actor_dir, ProcessLimits(
@@ -235,6 +235,11 @@ class Worker:
     def _on_limit(self, kind: str, payload: dict[str, object]) -> None:
         self.log.warning("vm_limit", **payload)
         self.outbox.append_nowait(EventName.VM_LIMIT.value, payload)
+
+    def _on_network(self, payload: dict[str, object]) -> None:
+        # Already coalesced by the proxy's Reporter (at most one per host/port/verdict
+        # per 10 s, with the count of the decisions folded into it).
+        self.outbox.append_nowait(EventName.NETWORK_REQUEST.value, payload)
 
     async def _watch_vm(self) -> None:
         await self.vm.lost

@@ -48,7 +48,21 @@ from .initproto import Op
 from .vmfs import PERSISTENT_DIRS, WORKSPACE
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BASE_ENV: Final = {"PATH": DEFAULT_PATH, "HOME": WORKSPACE, "LANG": "C.UTF-8"}
+# The VM's way out: the worker's egress proxy (egress.py) through the in-VM bridge
+# (netbridge.py) on this loopback port; one port serves HTTP, CONNECT and SOCKS5.
+PROXY_PORT: Final = 3128
+EGRESS_DIR: Final = "/run/egress"            # the worker's proxy socket, bound in
+EGRESS_SOCKET: Final = f"{EGRESS_DIR}/egress.sock"
+BRIDGE_PATH: Final = "/run/netbridge.py"
+_PROXY_URL: Final = f"http://127.0.0.1:{PROXY_PORT}"
+PROXY_ENV: Final = {
+    key: value
+    for name, value in (("HTTP_PROXY", _PROXY_URL), ("HTTPS_PROXY", _PROXY_URL),
+                        ("ALL_PROXY", f"socks5h://127.0.0.1:{PROXY_PORT}"),
+                        ("NO_PROXY", "localhost,127.0.0.1,::1"))
+    for key in (name, name.lower())
+}
+BASE_ENV: Final = {"PATH": DEFAULT_PATH, "HOME": WORKSPACE, "LANG": "C.UTF-8", **PROXY_ENV}
 MAX_OUTPUT_BYTES: Final = 1024 * 1024
 MERGED_USR_LINKS: Final = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Host /etc entries programs in the VM need (dynamic linker cache, Debian alternatives
@@ -87,6 +101,7 @@ class MachineSpec:
     uid: int | None         # run bwrap as this host uid/gid (None: as ourselves)
     gid: int | None
     shm_mb: int
+    egress_dir: Path | None = None   # holds the worker's proxy socket; None: no way out
 
 
 class VmGone(ActorvisorError):
@@ -133,6 +148,9 @@ def bwrap_argv(spec: MachineSpec, fds: Mapping[str, int]) -> list[str]:
         argv += ["--perms", "0644", "--ro-bind-data", str(fds[f"etc/{name}"]), f"/etc/{name}"]
     for name in PERSISTENT_DIRS:
         argv += ["--bind-fd", str(fds[f"dir/{name}"]), f"/{name}"]
+    if "dir/egress" in fds:
+        argv += ["--bind-fd", str(fds["dir/egress"]), EGRESS_DIR,
+                 "--perms", "0444", "--ro-bind-data", str(fds["bridge"]), BRIDGE_PATH]
     argv += [
         "--proc", "/proc",
         "--dev", "/dev",
@@ -267,6 +285,10 @@ class Machine:
         for name in PERSISTENT_DIRS:
             fds[f"dir/{name}"] = os.open(spec.root / name, os.O_PATH | os.O_DIRECTORY
                                          | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if spec.egress_dir is not None:
+            fds["dir/egress"] = os.open(spec.egress_dir, os.O_PATH | os.O_DIRECTORY
+                                        | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fds["bridge"] = os.open(Path(__file__).with_name("netbridge.py"), os.O_RDONLY | os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
         try:
             bwrap = await asyncio.create_subprocess_exec(

@@ -12,6 +12,7 @@ decides what is sent to the supervisor: the caller turns a finished boot into `v
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import json
 import os
@@ -30,7 +31,9 @@ from protocol.names import WorkerPhase
 
 from . import vminit, vmroot
 from .cgroups import CgroupRoot, Limits, VmCgroup
-from .sandbox import ExecResult, Machine, MachineSpec
+from .egress import EgressProxy, Reporter
+from .netpolicy import Policy
+from .sandbox import BRIDGE_PATH, EGRESS_SOCKET, PROXY_PORT, ExecResult, Machine, MachineSpec
 from .vmfs import WORKSPACE, VmFs, VmPath, normalize
 
 DEFAULT_EXEC_TIMEOUT_S: Final = 60.0
@@ -40,6 +43,21 @@ LIMIT_POLL_S: Final = 1.0
 LIMIT_REPORT_EVERY_S: Final = {"memory": 5.0, "pids": 5.0, "disk": 5.0, "cpu": 60.0}
 DISK_FULL_FRACTION: Final = 0.98
 SYS_SETGROUPS: Final = 116  # x86-64; the raw call changes only the calling thread
+
+MAX_FETCH_BODY: Final = 512 * 1024     # response bodies beyond this are an error
+FETCH_TIMEOUT_S: Final = 30.0
+_FETCH: Final = """
+import base64, http.client, json, sys
+a = json.loads(base64.b64decode(sys.argv[1]))
+c = http.client.HTTPConnection("127.0.0.1", a["port"], timeout=25)
+c.request(a["method"], a["path"], body=base64.b64decode(a["body"]) or None, headers=a["headers"])
+r = c.getresponse()
+data = r.read(a["limit"] + 1)
+if len(data) > a["limit"]:
+    sys.exit("response body larger than %d bytes" % a["limit"])
+print(json.dumps({"status": r.status, "statusText": r.reason, "headers": dict(r.getheaders()),
+                  "body": base64.b64encode(data).decode()}))
+"""
 
 log = structlog.get_logger()
 
@@ -62,6 +80,8 @@ class VmSettings:
     max_processes: int = 64
     max_shells: int = 16
     output_log_mb: int = 8
+    network_allow: tuple[str, ...] = ()   # the service's default egress allow rules
+    network_deny: tuple[str, ...] = ()
 
     def to_arg(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -106,6 +126,19 @@ def refusal(missing: list[str]) -> str:
             "with --unsafe-no-limits to run VMs without these limits")
 
 
+def _ignore(_: dict[str, object]) -> None:
+    return None
+
+
+def _fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
+    # Owned by the VM's identity so bwrap (running as it) can bind it; the VM could
+    # replace the socket, but only with one of its own: it reaches nothing more.
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o755)
+    if uid is not None and gid is not None:
+        os.chown(path, uid, gid)
+
+
 def _as_identity(uid: int, gid: int) -> Callable[[], None]:
     def become() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -117,7 +150,8 @@ def _as_identity(uid: int, gid: int) -> Callable[[], None]:
 
 class Vm:
     def __init__(self, actor_dir: Path, actor_id: str, state_dir: Path, boot_delay_s: float,
-                 settings: VmSettings, on_limit: Callable[[str, dict[str, Any]], None]) -> None:
+                 settings: VmSettings, on_limit: Callable[[str, dict[str, Any]], None],
+                 on_network: Callable[[dict[str, object]], None] | None = None) -> None:
         self.actor_dir = actor_dir
         self.actor_id = actor_id
         self.state_dir = state_dir
@@ -136,6 +170,8 @@ class Vm:
         self._fs_pool: ThreadPoolExecutor | None = None
         self._watch: asyncio.Task[None] | None = None
         self._disk_mounted = False
+        self.policy = Policy.parse(settings.network_allow, settings.network_deny)
+        self._proxy = EgressProxy(lambda: self.policy, Reporter(on_network or _ignore))
 
     async def boot(self) -> int:
         """Make the VM's identity, disk and cgroup, start its sandbox, prove it runs a
@@ -176,16 +212,43 @@ class Vm:
             await asyncio.to_thread(self.cgroup.create, s.limits)
         # Emulates a slow VM image; the worker answers health checks meanwhile.
         await asyncio.sleep(self._boot_delay_s)
+        # On the VM's disk (outside its bound dirs): bwrap, as the VM's identity, can reach it.
+        egress_dir = self.root / "egress"
+        await asyncio.to_thread(_fresh_dir, egress_dir, ident.uid if ident.dedicated else None,
+                                ident.gid if ident.dedicated else None)
+        await self._proxy.start_unix(str(egress_dir / "egress.sock"))
+        # The VM's identity must be able to connect; nothing else of this dir is its.
+        os.chmod(egress_dir / "egress.sock", 0o666)
         spec = MachineSpec(self.root, Path(s.init_binary),
                            ident.uid if ident.dedicated else None,
-                           ident.gid if ident.dedicated else None, s.shm_mb)
+                           ident.gid if ident.dedicated else None, s.shm_mb, egress_dir)
         self.machine = await Machine.start(spec, self._before_init_runs)
         self.machine.gone.add_done_callback(self._machine_gone)
         probe = await self.machine.run(["true"], timeout_s=30.0)
         if probe.exit_code != 0:
             raise RuntimeError(f"sandbox self-test failed (exit {probe.exit_code}): "
                                f"{probe.stderr.strip()[:500]}")
+        await self._start_bridge()
         self._watch = asyncio.create_task(self._watch_limits(), name="vm-limits")
+
+    async def _start_bridge(self) -> None:
+        """The loopback port in the VM that leads to the proxy; up before any command runs."""
+        assert self.machine is not None
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            await self.machine.spawn(["python3", BRIDGE_PATH, str(PROXY_PORT), EGRESS_SOCKET],
+                                     env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                                     stdio=(devnull, out_w, devnull))
+        finally:
+            os.close(out_w)
+            os.close(devnull)
+        try:
+            ready = await asyncio.wait_for(asyncio.to_thread(os.read, out_r, 16), 30.0)
+        finally:
+            os.close(out_r)
+        if ready != b"ready\n":
+            raise RuntimeError("the VM's network bridge did not start")
 
     def _missing_limits(self, ident: vmroot.Identity) -> list[str]:
         missing = []
@@ -220,6 +283,7 @@ class Vm:
             await asyncio.gather(self._watch, return_exceptions=True)
         if self.machine is not None:
             await self.machine.shutdown(STOP_GRACE_S)
+        await self._proxy.close()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.destroy)
         if self._fs_pool is not None:
@@ -322,6 +386,21 @@ class Vm:
         if self.machine is None:
             raise ActorvisorError(ErrorCode.STOPPED, "the VM is not running")
         return await self.machine.run(argv, cwd=str(target), env=env, timeout_s=timeout_s)
+
+    async def fetch(self, port: int, path: str, method: str, headers: dict[str, str],
+                    body: bytes) -> dict[str, Any]:
+        """One HTTP request to 127.0.0.1:port inside the VM, made by a short-lived python3
+        in the VM (its loopback is reachable from nowhere else); the body is bounded."""
+        request = json.dumps({"port": port, "path": path, "method": method, "headers": headers,
+                              "body": base64.b64encode(body).decode(), "limit": MAX_FETCH_BODY})
+        result = await self.run(["python3", "-c", _FETCH, base64.b64encode(request.encode()).decode()],
+                                timeout_s=FETCH_TIMEOUT_S)
+        if result.exit_code != 0:
+            raise ActorvisorError(ErrorCode.INVALID_ARGS, f"vmFetch: nothing answered on port "
+                                  f"{port} in the VM: {result.stderr.strip().splitlines()[-1:]}")
+        reply = json.loads(result.stdout)
+        reply["body"] = base64.b64decode(reply["body"])
+        return dict(reply)
 
     async def _require_dir(self, path: VmPath) -> None:
         info = await self.stat(path)

@@ -22,7 +22,7 @@ import pytest
 
 from protocol.errors import ActorvisorError, ErrorCode
 from tests.support import LONG_SLEEP, leftover_sleeps, vm_settings
-from vmworker.sandbox import MAX_OUTPUT_BYTES, MachineSpec, bwrap_argv
+from vmworker.sandbox import MAX_OUTPUT_BYTES, PROXY_ENV, MachineSpec, bwrap_argv
 from vmworker.vm import Vm
 from vmworker.vmfs import normalize
 
@@ -155,7 +155,7 @@ async def test_no_secret_of_the_host_reaches_the_vm(tmp_path: Path) -> None:
         await vm.stop()
     lines = result.stdout.split()
     assert not [line for line in lines if line.startswith("/")], lines
-    assert {line.split("=", 1)[0] for line in lines} <= {"PATH", "HOME", "LANG", "PWD"}
+    assert {line.split("=", 1)[0] for line in lines} <= {"PATH", "HOME", "LANG", "PWD", *PROXY_ENV}
 
 
 async def test_vm_root_is_not_host_root(box: BootedVm) -> None:

@@ -1,0 +1,84 @@
+"""Signed preview URLs: the token format, its secret, and the check of `/preview/{token}/`.
+
+Owns the service secret (a 32-byte file, mode 0600, outside the state dir; created on
+first use, never logged), minting tokens bound to (actor, port, expiry) and verifying
+them. `check_preview_token` is self-contained on purpose: the preview route authenticates
+by its token alone, so the gateway's other authentication can exempt it by name.
+A token is `v1.<actor>.<port>.<expires>.<nonce>.<mac>`, mac = HMAC-SHA256(secret, the rest);
+expiry before the TTL is a revocation list of nonces held by the supervisor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+MAX_TTL_S: Final = 7 * 24 * 3600
+_TOKEN: Final = re.compile(r"v1\.([A-Za-z0-9_-]{1,128})\.(\d{1,5})\.(\d{1,12})\.([A-Za-z0-9_-]{16})\.([A-Za-z0-9_-]{43})")
+
+
+class PreviewDenied(Exception):
+    """403: a forged, expired, revoked or malformed token (the reason is for logs only)."""
+
+
+def load_secret(path: Path) -> bytes:
+    """The service's preview secret, created (0600) if absent."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise ValueError(f"preview secret {path} is shorter than 32 bytes") from None
+        return secret
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def _mac(secret: bytes, body: str) -> str:
+    digest = hmac.new(secret, body.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    actor_id: str
+    port: int
+    expires_at: int     # unix seconds
+    nonce: str
+
+
+def mint(secret: bytes, actor_id: str, port: int, ttl_s: int, now: float | None = None) -> tuple[str, Preview]:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be an integer from 1 to 65535, got {port}")
+    if not 1 <= ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttlSeconds must be an integer from 1 to {MAX_TTL_S}, got {ttl_s}")
+    preview = Preview(actor_id, port, int((now or time.time()) + ttl_s), secrets.token_urlsafe(12))
+    body = f"v1.{actor_id}.{port}.{preview.expires_at}.{preview.nonce}"
+    return f"{body}.{_mac(secret, body)}", preview
+
+
+def check_preview_token(secret: bytes, token: str, revoked: set[str] | frozenset[str] = frozenset(),
+                        now: float | None = None) -> Preview:
+    """The preview a token grants, or PreviewDenied; the only check the route needs."""
+    m = _TOKEN.fullmatch(token)
+    if m is None:
+        raise PreviewDenied("malformed token")
+    body = token.rsplit(".", 1)[0]
+    if not hmac.compare_digest(_mac(secret, body), m.group(5)):
+        raise PreviewDenied("bad signature")
+    preview = Preview(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4))
+    if (now or time.time()) >= preview.expires_at:
+        raise PreviewDenied("expired")
+    if preview.nonce in revoked:
+        raise PreviewDenied("expired by its owner")
+    return preview
