@@ -392,7 +392,13 @@ class ActorManager:
 
     def on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
         actor = self._actors.get(actor_id)
-        if actor is None or actor.proc is None:
+        # A worker may speak before its spawner has reported its pid (the zygote's answer
+        # and the worker's hello race): while spawning, its messages are the new worker's.
+        # A durable event is relayed whoever sent it: it is committed, and the relay
+        # drops what it already relayed.
+        expected = actor is not None and (actor.proc is not None or actor.state is ActorState.SPAWNING
+                                          or isinstance(msg, wire.WorkerEvent))
+        if actor is None or not expected:
             log.warning("worker_message_from_unknown", actor=actor_id, type=type(msg).__name__)
             return
         actor.last_seen = time.monotonic()
@@ -420,7 +426,7 @@ class ActorManager:
                 pass
 
     def _on_hello(self, actor: Actor, hello: wire.Hello) -> None:
-        if actor.proc is None or hello.pid != actor.proc.pid:
+        if actor.proc is not None and hello.pid != actor.proc.pid:
             log.warning("worker_hello_pid_mismatch", actor=actor.id, pid=hello.pid)
         actor.hello = True
         actor.relay.on_worker_hello(hello.epoch, hello.last_seq)

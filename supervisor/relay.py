@@ -7,6 +7,11 @@ subscription with a cursor is backfilled from the ring, or from the SQLite log (
 thread) when the ring no longer holds it, then continues live with no gap and no
 duplicate: each subscription delivers only `seq` greater than the last it delivered.
 
+The relay itself never skips a persisted event: when an event arrives whose seq is past
+the next one expected (a worker killed between its commit and its send, a `hello` that
+reports a log further on than what was relayed), the missing events are read from the
+log and relayed first; everything that arrives meanwhile waits, in order, behind them.
+
 The relay never awaits a worker and never writes to the event log.
 """
 
@@ -17,7 +22,7 @@ import bisect
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -98,16 +103,23 @@ class Subscription:
             self.offer(event)
 
 
-def read_history(db_path: Path, after: int, name: str, limit: int) -> list[LoggedEvent]:
-    """Read committed events with seq > after from a worker's log (read-only; WAL allows it)."""
+def read_history(db_path: Path, after: int, name: str | None, limit: int,
+                 upto: int | None = None) -> list[LoggedEvent]:
+    """Read committed events with seq > after (and <= upto), of one name or all, from a
+    worker's log (read-only; WAL allows it)."""
     if not db_path.exists():
         return []
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
     try:
-        rows = conn.execute(
-            "SELECT seq, name, payload FROM events WHERE seq > ? AND name = ? ORDER BY seq LIMIT ?",
-            (after, name, limit),
-        ).fetchall()
+        sql = "SELECT seq, name, payload FROM events WHERE seq > ?"
+        params: list[Any] = [after]
+        if name is not None:
+            sql += " AND name = ?"
+            params.append(name)
+        if upto is not None:
+            sql += " AND seq <= ?"
+            params.append(upto)
+        rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         epoch_row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
     finally:
         conn.close()
@@ -137,8 +149,21 @@ class ActorRelay:
         # the ring so that a burst that overflows the ring cannot move a cursor forward.
         self._mark_times: list[float] = []
         self._mark_seqs: list[int] = []
+        # While a gap is being filled from the log: what arrived since, replayed in order.
+        self._held: list[Callable[[], None]] | None = None
+        self._fill_task: asyncio.Task[None] | None = None
+        self.gaps_filled = 0
 
     def on_worker_hello(self, epoch: str | None, last_seq: int) -> None:
+        if self._held is not None:
+            self._held.append(lambda: self.on_worker_hello(epoch, last_seq))
+            return
+        if (epoch is not None and epoch == self.epoch and self.last_seq is not None
+                and last_seq > self.last_seq):
+            # The log went on without us (a worker killed after committing, before
+            # sending): relay what it holds before anything of the new worker's.
+            self._fill(last_seq, lambda: self.on_worker_hello(epoch, last_seq))
+            return
         if epoch is not None and self.epoch is not None and epoch != self.epoch:
             log.warning("event_log_epoch_changed", actor=self.actor_id, old=self.epoch, new=epoch)
             self.ring.clear()
@@ -172,12 +197,54 @@ class ActorRelay:
         return self._mark_seqs[max(i, 0)]
 
     def publish(self, seq: int, epoch: str, name: str, payload: dict[str, Any]) -> None:
-        if self.last_seq is not None and seq <= self.last_seq:
-            log.warning("event_seq_regressed", actor=self.actor_id, seq=seq, last=self.last_seq)
+        if self._held is not None:
+            self._held.append(lambda: self.publish(seq, epoch, name, payload))
             return
-        if self.last_seq is not None and seq != self.last_seq + 1:
-            # Never fatal: history reads fill any gap for cursors, but a gap means a bug.
-            log.error("event_seq_gap", actor=self.actor_id, seq=seq, last=self.last_seq)
+        if self.last_seq is not None and seq <= self.last_seq:
+            # A frame of a worker that was overtaken by a fill from the log: already relayed.
+            log.debug("event_seq_already_relayed", actor=self.actor_id, seq=seq, last=self.last_seq)
+            return
+        if self.last_seq is not None and seq != self.last_seq + 1 and epoch == self.epoch:
+            self._fill(seq - 1, lambda: self.publish(seq, epoch, name, payload))
+            return
+        self._relay(seq, epoch, name, payload)
+
+    def _fill(self, upto: int, then: Callable[[], None]) -> None:
+        """Relay the log's events after `last_seq` up to `upto`, then `then()` and whatever
+        arrived meanwhile, in arrival order."""
+        log.warning("event_seq_gap_filling", actor=self.actor_id, after=self.last_seq, upto=upto)
+        self._held = [then]
+        self._fill_task = asyncio.create_task(self._fill_from_log(upto), name=f"gap-fill-{self.actor_id}")
+
+    async def _fill_from_log(self, upto: int) -> None:
+        try:
+            while self.last_seq is not None and self.last_seq < upto:
+                page = await asyncio.to_thread(read_history, self.db_path, self.last_seq, None,
+                                               self.HISTORY_PAGE, upto)
+                for event in page:
+                    self._relay(event.seq, self.epoch or "", event.name, event.payload)
+                if len(page) < self.HISTORY_PAGE:
+                    # Whatever the log lacks below `upto` was compacted away: nothing to relay.
+                    self.last_seq = upto
+                    break
+            self.gaps_filled += 1
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            # Never silent: a subscriber that misses events is told so.
+            log.error("event_gap_fill_failed", actor=self.actor_id, error=str(exc))
+            for subs in self._subs.values():
+                for sub in subs:
+                    sub.sink.report_error("actor.internal_error", f"could not read event history: {exc}")
+            self.last_seq = upto
+        finally:
+            held, self._held, self._fill_task = self._held or [], None, None
+            for i, step in enumerate(held):
+                step()
+                if self._held is not None:
+                    # That step found another gap: the rest waits behind its fill.
+                    self._held.extend(held[i + 1:])
+                    break
+
+    def _relay(self, seq: int, epoch: str, name: str, payload: dict[str, Any]) -> None:
         # The mark is taken before this event counts, so it never claims an event too early.
         self._mark(time.monotonic(), self.last_seq if self.last_seq is not None else seq - 1)
         self.epoch = epoch
@@ -237,7 +304,7 @@ class ActorRelay:
             sub.task.cancel()
 
     def has_catch_up(self) -> bool:
-        return any(sub.catching_up for subs in self._subs.values() for sub in subs)
+        return self._held is not None or any(sub.catching_up for subs in self._subs.values() for sub in subs)
 
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

@@ -73,7 +73,7 @@ async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_p
     total = 5000
     make_log(db, total)
     relay = ActorRelay("a", db, ring_size=100)
-    relay.on_worker_hello("epoch-1", 0)
+    relay.on_worker_hello("epoch-1", total - 100)
     relay.HISTORY_PAGE = 700
     for seq in range(total - 99, total + 1):
         publish(relay, seq)
@@ -101,3 +101,36 @@ async def test_unsubscribe_stops_delivery(tmp_path):
     publish(relay, 2)
     assert sink.seqs == [1]
     assert relay.subscriber_count() == 0
+
+
+async def test_a_gap_is_filled_from_the_log_before_anything_after_it(tmp_path):
+    # A worker killed between its commit and its send: seqs 3..7 are in the log only.
+    make_log(tmp_path / "events.db", 8)
+    relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
+    relay.on_worker_hello("epoch-1", 0)
+    live, ring_cursor = Sink(), Sink()
+    relay.subscribe(live, "sessionEvent", None)
+    publish(relay, 1)
+    publish(relay, 2)
+    publish(relay, 8)          # e.g. the vmShutdown written on the dead worker's behalf
+    relay.subscribe(ring_cursor, "sessionEvent", 1)
+    publish(relay, 9)          # arrives while the fill reads the log: waits behind it
+    publish(relay, 5)          # a late frame of the dead worker: already in the fill
+    await asyncio.sleep(0.2)
+    assert live.seqs == list(range(1, 10))
+    assert ring_cursor.seqs == list(range(2, 10))
+    assert relay.last_seq == 9 and relay.gaps_filled == 1 and not relay.has_catch_up()
+
+
+async def test_a_hello_ahead_of_the_relay_is_filled_from_the_log(tmp_path):
+    make_log(tmp_path / "events.db", 6)
+    relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
+    relay.on_worker_hello("epoch-1", 0)
+    sink = Sink()
+    relay.subscribe(sink, "sessionEvent", None)
+    publish(relay, 1)
+    relay.on_worker_hello("epoch-1", 6)  # the new worker's log ends at 6; 2..6 never came live
+    publish(relay, 7)
+    await asyncio.sleep(0.2)
+    assert sink.seqs == list(range(1, 8))
+    assert relay.last_seq == 7
