@@ -23,23 +23,22 @@ def events(h: WorkerHarness) -> list[WorkerEvent]:
 
 
 async def test_hello_comes_before_boot_and_health_is_answered_mid_boot(harness: WorkerHarness) -> None:
-    harness.boot_delay = 1.0
+    harness.boot_delay = 2.0
     harness.generation = 4
-    started = time.monotonic()
     await harness.start()
     hello = harness.received[0]
     assert isinstance(hello, Hello)
     assert harness.proc is not None and hello.pid == harness.proc.pid
     assert hello.actor_id == "actor1" and hello.last_seq == 0 and hello.epoch
     health = await harness.call("getRuntimeHealth")
-    assert time.monotonic() - started < 1.0, "health must not wait for the boot"
+    # Answered while the VM still boots: health never waits for the boot.
     assert health["phase"] == "booting" and health["booted"] is False
     assert health["restarts"] == 4 and health["pid"] == hello.pid
     # An action that needs the VM waits for it instead of failing.
     session = asyncio.create_task(harness.call("createSession", "local"))
 
     booted = await harness.wait_event("vmBooted")
-    assert booted.seq == 1 and booted.payload["bootMs"] >= 1000
+    assert booted.seq == 1 and booted.payload["bootMs"] >= 2000
     assert booted.epoch == hello.epoch
     await session
     kinds = [type(m).__name__ if not isinstance(m, Phase) else f"phase:{m.phase}"
