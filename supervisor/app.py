@@ -39,6 +39,8 @@ from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
+from .auth import Auth
+from .perimeter import Perimeter
 from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
@@ -103,7 +105,10 @@ class Supervisor:
         self.vm_settings = prepare_vms(config)
         self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
-        self.app = web.Application(client_max_size=config.max_message_size + 1024)
+        self.perimeter = Perimeter(config, Auth.from_config(config.auth_token, config.tokens,
+                                                            config.auth_hook), lambda: self.port)
+        self.app = web.Application(client_max_size=config.max_message_size + 1024,
+                                   middlewares=[self.perimeter.middleware])
         self.app.add_routes(self.gateway.routes())
         self.app.add_routes([web.get("/metrics", self.metrics),
                              web.get("/admin/workers", self.admin_workers),

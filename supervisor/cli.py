@@ -72,7 +72,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "vm_memory_mb", "vm_pids", "vm_cpus", "vm_disk_mb", "unsafe_no_limits"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    for name in ("allowed_hosts", "allowed_origins"):
+        if getattr(args, name):
+            overrides[name] = tuple(getattr(args, name))
+    if args.insecure_no_auth:
+        overrides["insecure_no_auth"] = True
+    if args.metrics_public:
+        overrides["metrics_public"] = True
+    if args.max_running_actors is not None:
+        overrides["max_running_actors"] = args.max_running_actors
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
+    if refusal := exposure_refusal(config):
+        print(f"actorvisor: {refusal}", file=sys.stderr)
+        return 2
     configure(config.log_level)
     # systemd's watchdog sends SIGABRT to a hung service: print every thread's stack first.
     faulthandler.enable()
@@ -84,6 +96,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"actorvisor: {err}", file=sys.stderr)
         return 2
     return asyncio.run(supervisor.run())
+
+
+def exposure_refusal(config: Config) -> str | None:
+    """Why this config must not start: a non-loopback listen that anyone could drive."""
+    from .perimeter import is_loopback
+
+    if is_loopback(config.host) or config.auth_token or config.tokens or config.insecure_no_auth:
+        return None
+    return (f"refusing to listen on {config.listen} with no token: anyone who can reach it "
+            "could run commands in every VM. Set ACTORVISOR_AUTH_TOKEN (generate one with "
+            "`actorvisor token`), or add [[tokens]] to the --config file, or listen on "
+            "127.0.0.1, or pass --insecure-no-auth if a proxy in front already authenticates.")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .auth import new_token
+
+    token, digest = new_token()
+    print(f"token: {token}\n"
+          f"# for the config file (only the hash is stored):\n"
+          f"[[tokens]]\nhash = \"{digest}\"\nrole = \"{args.role}\"")
+    return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -208,6 +242,20 @@ def main(argv: list[str] | None = None) -> int:
                      help="run VMs even where their limits cannot be applied (not root, no "
                           "cgroups); never on a shared host")
 
+    run.add_argument("--allowed-host", dest="allowed_hosts", action="append",
+                     help="a Host name clients may use besides the listen address (repeatable)")
+    run.add_argument("--allowed-origin", dest="allowed_origins", action="append",
+                     help="a browser Origin allowed to call actions (repeatable)")
+    run.add_argument("--metrics-public", action="store_true", help="/metrics without a token")
+    run.add_argument("--max-running-actors", type=int,
+                     help="running workers at once (default 300); more: actor.overloaded")
+    run.add_argument("--insecure-no-auth", action="store_true",
+                     help="listen on a non-loopback address with no token (behind an "
+                          "authenticating proxy only)")
+
+    tok = sub.add_parser("token", help="generate a token and the hash for the config file")
+    tok.add_argument("--role", default="client", choices=["client", "admin"])
+
     top = sub.add_parser("top", help="live dashboard of the supervisor and every worker")
     top.add_argument("--url", default=_default_url())
     top.add_argument("--once", action="store_true", help="print one sample and exit")
@@ -244,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_run(args)
             case "top":
                 return cmd_top(args)
+            case "token":
+                return cmd_token(args)
             case "demo":
                 return asyncio.run(_demo(args))
             case "call":

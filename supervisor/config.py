@@ -34,6 +34,8 @@ def load_file(path: Path) -> dict[str, object]:
             values["host"], values["port"] = parse_listen(str(value))
         elif key in ("state_dir", "runtime_dir"):
             values[key] = Path(str(value))
+        elif key in ("tokens", "allowed_hosts", "allowed_origins") and isinstance(value, list):
+            values[key] = tuple(value)
         elif key in known:
             values[key] = value
         else:
@@ -83,6 +85,15 @@ class Config:
     vm_shm_mb: int = 64
     vm_uid_base: int = 0x70000000
     unsafe_no_limits: bool = False     # run VMs even where these bounds cannot be applied
+    # The perimeter (supervisor.perimeter, supervisor.auth; docs/security.md).
+    auth_token: str = ""               # one admin token (ACTORVISOR_AUTH_TOKEN)
+    tokens: tuple[dict[str, object], ...] = ()  # [[tokens]] hash|token, role, prefixes
+    auth_hook: str = ""                # "module:function" checking (grant, params)
+    allowed_hosts: tuple[str, ...] = ()      # Host names besides the listen address
+    allowed_origins: tuple[str, ...] = ()    # browser Origins allowed to drive actors
+    metrics_public: bool = False       # /metrics without a token when auth is on
+    insecure_no_auth: bool = False     # allow a non-loopback listen without any token
+    max_running_actors: int = 300      # running workers at once; more: actor.overloaded
 
     @property
     def listen(self) -> str:
@@ -102,6 +113,8 @@ class Config:
             values["boot_delay"] = float(delay)
         if level := os.environ.get("ACTORVISOR_LOG_LEVEL"):
             values["log_level"] = level
+        if token := os.environ.get("ACTORVISOR_AUTH_TOKEN"):
+            values["auth_token"] = token
         if runtime := os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
             values["runtime_dir"] = Path(runtime.split(":")[0])
         values.update({k: v for k, v in overrides.items() if v is not None})
