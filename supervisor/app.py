@@ -40,6 +40,7 @@ from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
 from .auth import Auth
+from .limits import AcceptErrorLog, ConnectionLimiter, raise_fd_limit
 from .perimeter import Perimeter
 from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
@@ -115,6 +116,10 @@ class Supervisor:
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
                              web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
         self._runner: web.AppRunner | None = None
+        self.limiter = ConnectionLimiter(config.max_connections,
+                                         config.max_connections_per_address, config.header_timeout)
+        self.fd_limit = 0
+        self.accept_errors = AcceptErrorLog()
         self._site: web.BaseSite | None = None
         self.socket_activated = False
         self._ticker: asyncio.Task[None] | None = None
@@ -136,9 +141,15 @@ class Supervisor:
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.hub.start()
+        self.fd_limit = raise_fd_limit()
+        self.accept_errors = AcceptErrorLog()
+        asyncio.get_running_loop().set_exception_handler(self.accept_errors)
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=1.0)
+                                     shutdown_timeout=1.0,
+                                     keepalive_timeout=self.config.idle_timeout)
         await self._runner.setup()
+        assert self._runner.server is not None
+        self.limiter.install(self._runner.server)
         inherited = inherited_sockets()
         if inherited:
             self.port = inherited[0].getsockname()[1]

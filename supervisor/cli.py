@@ -79,8 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["insecure_no_auth"] = True
     if args.metrics_public:
         overrides["metrics_public"] = True
-    if args.max_running_actors is not None:
-        overrides["max_running_actors"] = args.max_running_actors
+    for name in ("max_running_actors", "max_connections", "max_connections_per_address",
+                 "header_timeout", "idle_timeout"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     if refusal := exposure_refusal(config):
         print(f"actorvisor: {refusal}", file=sys.stderr)
@@ -141,7 +143,7 @@ def _print_update(payload: dict[str, Any]) -> None:
 
 async def _demo(args: argparse.Namespace) -> int:
     prompt = args.prompt or (DEMO_PROMPT if args.agent == "local" else CLAUDE_DEMO_PROMPT)
-    async with Client(args.url) as client:
+    async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         conn = await client.connect(ACTOR_KIND_VM, args.actor)
         conn.on("sessionEvent", _print_update)
         conn.on("vmBooted", lambda p: print(f"[vm booted in {p.get('bootMs')} ms]"))
@@ -182,14 +184,14 @@ async def _call(args: argparse.Namespace) -> int:
             values.append(json.loads(raw))
         except ValueError:
             values.append(raw)
-    async with Client(args.url) as client:
+    async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         result = await client.action(ACTOR_KIND_VM, args.actor, args.action, *values)
     print(json.dumps(_jsonable(result), indent=2))
     return 0
 
 
 async def _events(args: argparse.Namespace) -> int:
-    async with Client(args.url) as client:
+    async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         after = args.after
         while True:
             page = await client.action(ACTOR_KIND_VM, args.actor, "replayEvents",
@@ -249,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--metrics-public", action="store_true", help="/metrics without a token")
     run.add_argument("--max-running-actors", type=int,
                      help="running workers at once (default 300); more: actor.overloaded")
+    run.add_argument("--max-connections", type=int,
+                     help="open TCP connections (default 5000); more: 503 and close")
+    run.add_argument("--max-connections-per-address", type=int,
+                     help="open TCP connections from one client address (default 1000)")
+    run.add_argument("--header-timeout", type=float,
+                     help="seconds a client has to send a request head (default 10)")
+    run.add_argument("--idle-timeout", type=float,
+                     help="seconds an idle keep-alive HTTP connection stays open (default 30)")
     run.add_argument("--insecure-no-auth", action="store_true",
                      help="listen on a non-loopback address with no token (behind an "
                           "authenticating proxy only)")
