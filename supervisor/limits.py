@@ -57,7 +57,10 @@ class ConnectionLimiter:
                     self.by_address.get(address, 0) >= self.max_per_address:
                 self.refused += 1
                 transport.write(REFUSAL)
-                transport.close()
+                made(handler, transport)
+                # Closed once aiohttp's handler is set up (its start task is scheduled
+                # next), so it winds down as after any closed connection, quietly.
+                asyncio.get_running_loop().call_soon(handler.force_close)
                 return
             self.open += 1
             self.by_address[address] = self.by_address.get(address, 0) + 1
