@@ -35,11 +35,11 @@ from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
 from .actors import Actor, ActorManager, ActorState
+from .auth import Auth
 from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
-from .auth import Auth
 from .limits import AcceptErrorLog, ConnectionLimiter, raise_fd_limit
 from .perimeter import Perimeter
 from .sdnotify import Notifier, inherited_sockets

@@ -80,8 +80,8 @@ class ConnectionLimiter:
                     del self.by_address[address]
             lost(handler, exc)
 
-        server.connection_made = connection_made  # type: ignore[method-assign]
-        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        server.connection_made = connection_made  # type: ignore[method-assign,assignment]
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     def _check_head(self, handler: Any, transport: asyncio.Transport) -> None:
         # A whole request head sets the handler's current request (or counts one served).

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from supervisor.auth import new_token
-from tests.e2e.test_npm_client import (NPM_DIR, ENCODINGS, kill_group, node_command, node_env,
-                                       parse_results)
+from tests.e2e.test_npm_client import ENCODINGS, NPM_DIR, kill_group, node_command, node_env, parse_results
 
 ADMIN, ADMIN_HASH = new_token()
 CLIENT = "client-token-plain"
