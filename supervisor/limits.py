@@ -80,7 +80,7 @@ class ConnectionLimiter:
                     del self.by_address[address]
             lost(handler, exc)
 
-        server.connection_made = connection_made  # type: ignore[method-assign,assignment]
+        server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     def _check_head(self, handler: Any, transport: asyncio.Transport) -> None:
