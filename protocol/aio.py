@@ -54,9 +54,12 @@ def error_from_msg(msg: ErrorMsg) -> ActorvisorError:
 class Client:
     """Entry point: HTTP actions and WebSocket connections to one actorvisor service."""
 
-    def __init__(self, url: str = DEFAULT_URL, encoding: Encoding = Encoding.CBOR) -> None:
+    def __init__(self, url: str = DEFAULT_URL, encoding: Encoding = Encoding.CBOR,
+                 token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.encoding = encoding
+        # Sent as the npm client sends it: `x-rivet-token` on HTTP, `rivet_token.` on a WebSocket.
+        self.token = token
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
@@ -87,6 +90,8 @@ class Client:
         body = encode_http_action_request(list(args), self.encoding)
         headers = {"x-rivet-encoding": self.encoding.value,
                    "content-type": content_type(self.encoding)}
+        if self.token:
+            headers["x-rivet-token"] = self.token
         async with self.session.post(url, data=body, headers=headers) as resp:
             raw = await resp.read()
             if resp.status != 200:
@@ -137,7 +142,9 @@ class Connection:
 
     async def open(self) -> None:
         url = self._client.gateway_url(self.name, self.key, "connect")
-        protocols = ("rivet", f"rivet_encoding.{self._client.encoding.value}")
+        protocols: tuple[str, ...] = ("rivet", f"rivet_encoding.{self._client.encoding.value}")
+        if self._client.token:
+            protocols += (f"rivet_token.{self._client.token}",)
         ws = await self._client.session.ws_connect(url, protocols=protocols, max_msg_size=64 << 20)
         self._ws = ws
         self._ready.clear()

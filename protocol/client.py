@@ -43,6 +43,7 @@ MAX_MESSAGE_SIZE: Final = 1 << 20
 WS_PROTOCOL_STANDARD: Final = "rivet"
 WS_PROTOCOL_ENCODING: Final = "rivet_encoding."
 WS_PROTOCOL_CONN_PARAMS: Final = "rivet_conn_params."
+WS_PROTOCOL_TOKEN: Final = "rivet_token."
 
 
 class Encoding(StrEnum):

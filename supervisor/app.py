@@ -36,10 +36,13 @@ from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
 from .actors import Actor, ActorManager, ActorState
+from .auth import Auth
 from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
 from .gateway import Gateway
 from .hub import WorkerHub
+from .limits import AcceptErrorLog, ConnectionLimiter, raise_fd_limit
+from .perimeter import Perimeter
 from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
@@ -112,13 +115,20 @@ class Supervisor:
         self.vm_settings = prepare_vms(config)
         self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
-        self.app = web.Application(client_max_size=config.max_message_size + 1024)
+        self.perimeter = Perimeter(config, Auth.from_config(config.auth_token, config.tokens,
+                                                            config.auth_hook), lambda: self.port)
+        self.app = web.Application(client_max_size=config.max_message_size + 1024,
+                                   middlewares=[self.perimeter.middleware])
         self.app.add_routes(self.gateway.routes())
         self.app.add_routes([web.get("/metrics", self.metrics),
                              web.get("/admin/workers", self.admin_workers),
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
                              web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
         self._runner: web.AppRunner | None = None
+        self.limiter = ConnectionLimiter(config.max_connections,
+                                         config.max_connections_per_address, config.header_timeout)
+        self.fd_limit = 0
+        self.accept_errors = AcceptErrorLog()
         self._site: web.BaseSite | None = None
         self.socket_activated = False
         self._ticker: asyncio.Task[None] | None = None
@@ -140,9 +150,15 @@ class Supervisor:
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.hub.start()
+        self.fd_limit = raise_fd_limit()
+        self.accept_errors = AcceptErrorLog()
+        asyncio.get_running_loop().set_exception_handler(self.accept_errors)
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=1.0)
+                                     shutdown_timeout=1.0,
+                                     keepalive_timeout=self.config.idle_timeout)
         await self._runner.setup()
+        assert self._runner.server is not None
+        self.limiter.install(self._runner.server)
         inherited = inherited_sockets()
         if inherited:
             self.port = inherited[0].getsockname()[1]

@@ -77,7 +77,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     if args.network_allow:
         overrides["network_allow"] = tuple(args.network_allow)
+    for name in ("allowed_hosts", "allowed_origins"):
+        if getattr(args, name):
+            overrides[name] = tuple(getattr(args, name))
+    if args.insecure_no_auth:
+        overrides["insecure_no_auth"] = True
+    if args.metrics_public:
+        overrides["metrics_public"] = True
+    for name in ("max_running_actors", "max_connections", "max_connections_per_address",
+                 "header_timeout", "idle_timeout"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
+    if refusal := exposure_refusal(config):
+        print(f"actorvisor: {refusal}", file=sys.stderr)
+        return 2
     configure(config.log_level)
     # systemd's watchdog sends SIGABRT to a hung service: print every thread's stack first.
     faulthandler.enable()
@@ -90,6 +104,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"actorvisor: {err}", file=sys.stderr)
         return 2
     return asyncio.run(supervisor.run())
+
+
+def exposure_refusal(config: Config) -> str | None:
+    """Why this config must not start: a non-loopback listen that anyone could drive."""
+    from .perimeter import is_loopback
+
+    if is_loopback(config.host) or config.auth_token or config.tokens or config.insecure_no_auth:
+        return None
+    return (f"refusing to listen on {config.listen} with no token: anyone who can reach it "
+            "could run commands in every VM. Set ACTORVISOR_AUTH_TOKEN (generate one with "
+            "`actorvisor token`), or add [[tokens]] to the --config file, or listen on "
+            "127.0.0.1, or pass --insecure-no-auth if a proxy in front already authenticates.")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .auth import new_token
+
+    token, digest = new_token()
+    print(f"token: {token}\n"
+          f"# for the config file (only the hash is stored):\n"
+          f"[[tokens]]\nhash = \"{digest}\"\nrole = \"{args.role}\"")
+    return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -113,7 +149,7 @@ def _print_update(payload: dict[str, Any]) -> None:
 
 async def _demo(args: argparse.Namespace) -> int:
     prompt = args.prompt or (DEMO_PROMPT if args.agent == "local" else CLAUDE_DEMO_PROMPT)
-    async with Client(args.url) as client:
+    async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         conn = await client.connect(ACTOR_KIND_VM, args.actor)
         conn.on("sessionEvent", _print_update)
         conn.on("vmBooted", lambda p: print(f"[vm booted in {p.get('bootMs')} ms]"))
@@ -154,14 +190,14 @@ async def _call(args: argparse.Namespace) -> int:
             values.append(json.loads(raw))
         except ValueError:
             values.append(raw)
-    async with Client(args.url) as client:
+    async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         result = await client.action(ACTOR_KIND_VM, args.actor, args.action, *values)
     print(json.dumps(_jsonable(result), indent=2))
     return 0
 
 
 async def _events(args: argparse.Namespace) -> int:
-    async with Client(args.url) as client:
+    async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         after = args.after
         while True:
             page = await client.action(ACTOR_KIND_VM, args.actor, "replayEvents",
@@ -222,6 +258,28 @@ def main(argv: list[str] | None = None) -> int:
                      help="let every VM reach HOST (a name, *.domain or IP literal, optional "
                           ":PORT) through its egress proxy; repeatable (docs/network.md)")
 
+    run.add_argument("--allowed-host", dest="allowed_hosts", action="append",
+                     help="a Host name clients may use besides the listen address (repeatable)")
+    run.add_argument("--allowed-origin", dest="allowed_origins", action="append",
+                     help="a browser Origin allowed to call actions (repeatable)")
+    run.add_argument("--metrics-public", action="store_true", help="/metrics without a token")
+    run.add_argument("--max-running-actors", type=int,
+                     help="running workers at once (default 300); more: actor.overloaded")
+    run.add_argument("--max-connections", type=int,
+                     help="open TCP connections (default 5000); more: 503 and close")
+    run.add_argument("--max-connections-per-address", type=int,
+                     help="open TCP connections from one client address (default 1000)")
+    run.add_argument("--header-timeout", type=float,
+                     help="seconds a client has to send a request head (default 10)")
+    run.add_argument("--idle-timeout", type=float,
+                     help="seconds an idle keep-alive HTTP connection stays open (default 30)")
+    run.add_argument("--insecure-no-auth", action="store_true",
+                     help="listen on a non-loopback address with no token (behind an "
+                          "authenticating proxy only)")
+
+    tok = sub.add_parser("token", help="generate a token and the hash for the config file")
+    tok.add_argument("--role", default="client", choices=["client", "admin"])
+
     top = sub.add_parser("top", help="live dashboard of the supervisor and every worker")
     top.add_argument("--url", default=_default_url())
     top.add_argument("--once", action="store_true", help="print one sample and exit")
@@ -265,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_run(args)
             case "top":
                 return cmd_top(args)
+            case "token":
+                return cmd_token(args)
             case "demo":
                 return asyncio.run(_demo(args))
             case "call":

@@ -40,6 +40,8 @@ def load_file(path: Path) -> dict[str, object]:
                     raise ValueError(f"{path}: [network] takes allow = [...] and deny = [...], "
                                      f"got {rule_kind!r}")
                 values[f"network_{rule_kind}"] = tuple(str(r) for r in rules)
+        elif key in ("tokens", "allowed_hosts", "allowed_origins") and isinstance(value, list):
+            values[key] = tuple(value)
         elif key in known:
             values[key] = value
         else:
@@ -95,6 +97,19 @@ class Config:
     # Every VM's default egress policy (`[network]` allow/deny; docs/network.md).
     network_allow: tuple[str, ...] = ()
     network_deny: tuple[str, ...] = ()
+    # The perimeter (supervisor.perimeter, supervisor.auth; docs/security.md).
+    auth_token: str = ""               # one admin token (ACTORVISOR_AUTH_TOKEN)
+    tokens: tuple[dict[str, object], ...] = ()  # [[tokens]] hash|token, role, prefixes
+    auth_hook: str = ""                # "module:function" checking (grant, params)
+    allowed_hosts: tuple[str, ...] = ()      # Host names besides the listen address
+    allowed_origins: tuple[str, ...] = ()    # browser Origins allowed to drive actors
+    metrics_public: bool = False       # /metrics without a token when auth is on
+    insecure_no_auth: bool = False     # allow a non-loopback listen without any token
+    max_running_actors: int = 300      # running workers at once; more: actor.overloaded
+    max_connections: int = 5000        # open TCP connections; more: 503 and close
+    max_connections_per_address: int = 1000
+    header_timeout: float = 10.0       # a request head must arrive within this
+    idle_timeout: float = 30.0         # keep-alive HTTP connections idle longer are closed
 
     @property
     def listen(self) -> str:
@@ -114,6 +129,8 @@ class Config:
             values["boot_delay"] = float(delay)
         if level := os.environ.get("ACTORVISOR_LOG_LEVEL"):
             values["log_level"] = level
+        if token := os.environ.get("ACTORVISOR_AUTH_TOKEN"):
+            values["auth_token"] = token
         if runtime := os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
             values["runtime_dir"] = Path(runtime.split(":")[0])
         values.update({k: v for k, v in overrides.items() if v is not None})

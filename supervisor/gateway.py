@@ -123,8 +123,21 @@ class Gateway:
         if method not in ("get", "getOrCreate"):
             raise ActorvisorError(ErrorCode.INVALID_ARGS,
                                   f"rvt-method must be get or getOrCreate, not {method[:32]!r}")
-        return self.manager.get_or_create(target, query.get("rvt-key", ""),
-                                          create=method == "getOrCreate")
+        key = query.get("rvt-key", "")
+        if not self.manager.exists(target, key):
+            self.admit()
+        actor = self.manager.get_or_create(target, key, create=method == "getOrCreate")
+        if not actor.running:
+            self.admit()
+        return actor
+
+    def admit(self) -> None:
+        """Refuse to start one more worker past `max_running_actors` (retryable)."""
+        running = sum(1 for a in self.manager.all() if a.running)
+        if running >= self.config.max_running_actors:
+            raise ActorvisorError(ErrorCode.OVERLOADED,
+                                  f"{running} actors are running, the most this service "
+                                  "runs at once; retry later")
 
     # ---- plain routes --------------------------------------------------------------
 

@@ -100,6 +100,15 @@ class SupervisorCollector(Collector):
         actors = sup.manager.all()
 
         yield _gauge("actorvisor_connections", "Open WebSocket connections", len(conns))
+        yield _gauge("actorvisor_fd_limit", "Open-files limit of the supervisor (RLIMIT_NOFILE)",
+                     sup.fd_limit)
+        yield _gauge("actorvisor_tcp_connections", "Open TCP connections", sup.limiter.open)
+        yield _gauge("actorvisor_connections_refused", "Connections refused over a cap, total",
+                     sup.limiter.refused)
+        yield _gauge("actorvisor_header_timeouts", "Connections closed for a slow request head",
+                     sup.limiter.timed_out)
+        yield _gauge("actorvisor_accept_errors", "Failed accepts (EMFILE...), total",
+                     sup.accept_errors.total)
         opened = CounterMetricFamily("actorvisor_connections_opened", "WebSocket connections accepted")
         opened.add_metric([], sup.gateway.connections_total)
         yield opened

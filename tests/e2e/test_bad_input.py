@@ -110,27 +110,27 @@ async def test_bad_upgrades_and_http_requests(supervisor):
             assert msg.type is aiohttp.WSMsgType.CLOSE and msg.extra == reason, (url, msg)
             await ws.close()
         resp = await session.post(f"{supervisor.url}/gateway/chatRoom/action/exec?rvt-method=getOrCreate&rvt-key=h",
-                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json"})
+                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         assert resp.status == 404 and (await resp.json())["code"] == "unknown_kind"
 
         resp = await session.post(f"{supervisor.url}/gateway/vm/action/exec?rvt-method=getOrCreate&rvt-key=h",
-                                  data=b"{not json", headers={"x-rivet-encoding": "json"})
+                                  data=b"{not json", headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         assert resp.status == 400
         assert (await resp.json())["code"] == "invalid_message"
         resp = await session.post(f"{supervisor.url}/gateway/vm/action/exec?rvt-method=getOrCreate&rvt-key=h",
-                                  data=json.dumps({"args": ["x" * 10]}), headers={"x-rivet-encoding": "yaml"})
+                                  data=json.dumps({"args": ["x" * 10]}), headers={"x-rivet-encoding": "yaml", "Content-Type": "application/json"})
         assert resp.status == 400 and (await resp.json())["code"] == "unsupported_encoding"
         resp = await session.post(f"{supervisor.url}/gateway/vm/action/exec?rvt-method=getOrCreate&rvt-key=h",
-                                  data=b"x" * (3 << 20), headers={"x-rivet-encoding": "json"})
+                                  data=b"x" * (3 << 20), headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         assert resp.status == 413 and (await resp.json())["code"] == "message_too_large"
         resp = await session.post(f"{supervisor.url}/gateway/vm/action/exec?rvt-method=get&rvt-key=never-made",
-                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json"})
+                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         assert resp.status == 404 and (await resp.json())["code"] == "not_found"
         resp = await session.post(f"{supervisor.url}/gateway/0123456789abcdef01234567/action/exec",
-                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json"})
+                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         assert resp.status == 404 and (await resp.json())["code"] == "not_found"
         resp = await session.post(f"{supervisor.url}/gateway/..%2F..%2Fetc/action/exec",
-                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json"})
+                                  data=json.dumps({"args": ["true"]}), headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         assert resp.status == 404
 
 

@@ -21,7 +21,7 @@ async def test_an_upgrade_during_the_drain_is_closed_with_going_away(make_superv
     sup = make_supervisor("--stop-timeout", "30")
     async with aiohttp.ClientSession() as session:
         resp = await session.post(sup.url + GATEWAY.format(path="action/getRuntimeHealth"),
-                                  json={"args": []}, headers={"x-rivet-encoding": "json"})
+                                  json={"args": []}, headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})
         worker_pid = (await resp.json())["output"]["pid"]
         # A stopped worker cannot go to sleep, so the drain waits for it: the window in
         # which the supervisor still listens but no longer accepts work.

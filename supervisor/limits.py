@@ -1,0 +1,115 @@
+"""Limits that hold under abuse: connection caps, the header-read timeout, the fd limit,
+and accept errors logged once per interval.
+
+`ConnectionLimiter` wraps the aiohttp server's connection bookkeeping: a connection over
+the total or per-address cap is answered `503` with `Retry-After` and closed before any
+request is parsed; a connection that has not sent a whole request head within
+`header_timeout` is closed. It never reads a byte itself and never awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("supervisor.limits")
+
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+           b"Content-Type: application/json\r\nContent-Length: 72\r\n\r\n"
+           b'{"group":"actor","code":"overloaded","message":"too many connections"} \n')
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class ConnectionLimiter:
+    def __init__(self, max_connections: int, max_per_address: int, header_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.header_timeout = header_timeout
+        self.open = 0
+        self.by_address: dict[str, int] = {}
+        self.refused = 0
+        self.timed_out = 0
+        self._admitted: dict[Any, str] = {}
+
+    def install(self, server: web.Server) -> None:
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if peer else ""
+            if self.open >= self.max_connections or \
+                    self.by_address.get(address, 0) >= self.max_per_address:
+                self.refused += 1
+                transport.write(REFUSAL)
+                made(handler, transport)
+                # Closed once aiohttp's handler is set up (its start task is scheduled
+                # next), so it winds down as after any closed connection, quietly.
+                asyncio.get_running_loop().call_soon(handler.force_close)
+                return
+            self.open += 1
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+            self._admitted[handler] = address
+            asyncio.get_running_loop().call_later(self.header_timeout, self._check_head, handler,
+                                                  transport)
+            made(handler, transport)
+
+        def connection_lost(handler: Any, exc: BaseException | None) -> None:
+            address = self._admitted.pop(handler, None)
+            if address is not None:
+                self.open -= 1
+                left = self.by_address[address] - 1
+                if left:
+                    self.by_address[address] = left
+                else:
+                    del self.by_address[address]
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
+
+    def _check_head(self, handler: Any, transport: asyncio.Transport) -> None:
+        # A whole request head sets the handler's current request (or counts one served).
+        if handler in self._admitted and handler._current_request is None \
+                and handler._request_count == 0 and not transport.is_closing():
+            self.timed_out += 1
+            transport.close()
+
+
+class AcceptErrorLog:
+    """An event-loop exception handler that logs a flood (EMFILE on accept) once per
+    interval with a count, and everything else as before."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.count = 0
+        self.total = 0
+        self._last = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "out of system resource" not in str(context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        self.count += 1
+        self.total += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            log.error("accept_failed", error=str(context.get("exception")), count=self.count,
+                      interval_s=self.interval)
+            self.count = 0
+            self._last = now
