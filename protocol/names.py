@@ -42,6 +42,27 @@ class ActionName(StrEnum):
     CLOSE_SHELL = "closeShell"
     WAIT_SHELL = "waitShell"
     LIST_SHELLS = "listShells"
+    # agentOS parity (docs/agentos-parity.md)
+    PROMPT = "prompt"
+    CANCEL_SESSION = "cancelSession"
+    DESTROY_SESSION = "destroySession"
+    LIST_PERSISTED_SESSIONS = "listPersistedSessions"
+    SET_MODEL = "setModel"
+    SET_MODE = "setMode"
+    SET_THOUGHT_LEVEL = "setThoughtLevel"
+    GET_MODES = "getModes"
+    GET_CONFIG_OPTIONS = "getConfigOptions"
+    GET_SEQUENCED_EVENTS = "getSequencedEvents"
+    WRITE_FILES = "writeFiles"
+    READ_FILES = "readFiles"
+    READDIR_RECURSIVE = "readdirRecursive"
+    MOVE = "move"
+    DELETE = "delete"
+    EXEC_ARGV = "execArgv"
+    SCHEDULE_CRON = "scheduleCron"
+    LIST_CRON_JOBS = "listCronJobs"
+    CANCEL_CRON_JOB = "cancelCronJob"
+    RUN_CRON_JOB = "runCronJob"  # internal: only the supervisor's scheduler may call it
 
 
 class EventName(StrEnum):
@@ -56,6 +77,8 @@ class EventName(StrEnum):
     SHELL_DATA = "shellData"
     SHELL_EXIT = "shellExit"
     OUTPUT_COMPACTED = "processOutputCompacted"
+    SESSION_DESTROYED = "sessionDestroyed"
+    CRON_EVENT = "cronEvent"
 
 
 class AgentType(StrEnum):

@@ -52,6 +52,9 @@ def no_host_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def claude_session(actor: InProcessActor, fake: FakeAnthropic, *, key: str | None = None,
                          **options: Any) -> str:
+    # Sessions ask before each tool call by default (fail closed); these tests answer
+    # for themselves only where they say permissionPolicy="ask".
+    options.setdefault("permissionPolicy", "allow_all")
     env = {"ANTHROPIC_API_KEY": key or fake.api_key, "ANTHROPIC_BASE_URL": fake.url,
            **options.pop("env", {})}
     result = await actor.call("createSession", "claude", {"env": env, **options})
