@@ -59,10 +59,6 @@ class ActionName(StrEnum):
     MOVE = "move"
     DELETE = "delete"
     EXEC_ARGV = "execArgv"
-    SCHEDULE_CRON = "scheduleCron"
-    LIST_CRON_JOBS = "listCronJobs"
-    CANCEL_CRON_JOB = "cancelCronJob"
-    RUN_CRON_JOB = "runCronJob"  # internal: only the supervisor's scheduler may call it
 
 
 class EventName(StrEnum):
@@ -78,7 +74,6 @@ class EventName(StrEnum):
     SHELL_EXIT = "shellExit"
     OUTPUT_COMPACTED = "processOutputCompacted"
     SESSION_DESTROYED = "sessionDestroyed"
-    CRON_EVENT = "cronEvent"
 
 
 class AgentType(StrEnum):

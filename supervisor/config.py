@@ -86,14 +86,11 @@ class Config:
     # agentOS parity (docs/agentos-parity.md): sessions that set no permissionPolicy ask
     # before each tool call (fail closed) unless this says "allow_all".
     permission_policy: str = "ask"
-    cron_min_interval: float = 1.0     # seconds; schedules firing more often are refused
 
     def __post_init__(self) -> None:
         if self.permission_policy not in ("ask", "allow_all"):
             raise ValueError(f"permission_policy must be 'ask' or 'allow_all', "
                              f"got {self.permission_policy!r}")
-        if not self.cron_min_interval >= 1.0:
-            raise ValueError("cron_min_interval must be at least 1 second")
 
     @property
     def listen(self) -> str:
