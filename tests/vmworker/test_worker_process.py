@@ -12,6 +12,7 @@ from protocol.worker import Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
 from tests.support import LONG_SLEEP, leftover_sleeps
 
 from .harness import WorkerHarness, descendants
+from .test_sessions import ours
 
 
 def events(h: WorkerHarness) -> list[WorkerEvent]:
@@ -93,7 +94,7 @@ async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness:
     assert shutdown.payload == {"reason": "sleep", "seq": shutdown.seq}
     assert shutdown.seq == events(harness)[-1].seq
     prompt = await prompt_task
-    assert prompt.ok and prompt.value == {"text": "You said: hi\n", "stopReason": "cancelled"}
+    assert prompt.ok and ours(prompt.value) == {"text": "You said: hi\n", "stopReason": "cancelled"}
     exec_reply = await exec_task
     assert not exec_reply.ok and exec_reply.error is not None
     assert exec_reply.error.code is ErrorCode.STOPPED
