@@ -44,6 +44,23 @@ class ActionName(StrEnum):
     LIST_SHELLS = "listShells"
     GET_NETWORK_POLICY = "getNetworkPolicy"
     VM_FETCH = "vmFetch"
+    # agentOS parity (docs/agentos-parity.md)
+    PROMPT = "prompt"
+    CANCEL_SESSION = "cancelSession"
+    DESTROY_SESSION = "destroySession"
+    LIST_PERSISTED_SESSIONS = "listPersistedSessions"
+    SET_MODEL = "setModel"
+    SET_MODE = "setMode"
+    SET_THOUGHT_LEVEL = "setThoughtLevel"
+    GET_MODES = "getModes"
+    GET_CONFIG_OPTIONS = "getConfigOptions"
+    GET_SEQUENCED_EVENTS = "getSequencedEvents"
+    WRITE_FILES = "writeFiles"
+    READ_FILES = "readFiles"
+    READDIR_RECURSIVE = "readdirRecursive"
+    MOVE = "move"
+    DELETE = "delete"
+    EXEC_ARGV = "execArgv"
 
 
 class EventName(StrEnum):
@@ -59,6 +76,7 @@ class EventName(StrEnum):
     SHELL_EXIT = "shellExit"
     OUTPUT_COMPACTED = "processOutputCompacted"
     NETWORK_REQUEST = "networkRequest"
+    SESSION_DESTROYED = "sessionDestroyed"
 
 
 class AgentType(StrEnum):

@@ -301,6 +301,7 @@ class ActorManager:
             heartbeat_interval=self._config.heartbeat_interval,
             supervisor_timeout=self._config.hang_timeout, log_level=self._config.log_level,
             limits=limits, vm_settings=self.vm_settings,
+            permission_policy=self._config.permission_policy,
         )
         try:
             proc = await self._spawner.spawn(spec)

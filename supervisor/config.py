@@ -110,6 +110,14 @@ class Config:
     max_connections_per_address: int = 1000
     header_timeout: float = 10.0       # a request head must arrive within this
     idle_timeout: float = 30.0         # keep-alive HTTP connections idle longer are closed
+    # agentOS parity (docs/agentos-parity.md): sessions that set no permissionPolicy ask
+    # before each tool call (fail closed) unless this says "allow_all".
+    permission_policy: str = "ask"
+
+    def __post_init__(self) -> None:
+        if self.permission_policy not in ("ask", "allow_all"):
+            raise ValueError(f"permission_policy must be 'ask' or 'allow_all', "
+                             f"got {self.permission_policy!r}")
 
     @property
     def listen(self) -> str:

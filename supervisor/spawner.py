@@ -53,6 +53,7 @@ class WorkerSpec:
     log_level: str
     limits: dict[str, int] = field(default_factory=dict)
     vm_settings: str = ""   # vmworker.vm.VmSettings.to_arg()
+    permission_policy: str = "ask"
 
     def worker_args(self) -> list[str]:
         """Arguments of `python -m vmworker`, whichever way the process is made."""
@@ -69,6 +70,7 @@ class WorkerSpec:
             "--supervisor-timeout", repr(self.supervisor_timeout),
             "--log-level", self.log_level,
             *(["--vm-settings", self.vm_settings] if self.vm_settings else []),
+            "--permission-policy", self.permission_policy,
         ]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Final
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ActionName, AgentType, EventName
 
+from .agents import PROFILES
 from .agents.base import PermissionReply
 from .eventlog import EventReader, Page
 from .outbox import Outbox
@@ -38,6 +39,10 @@ MAX_TIMEOUT_MS: Final = 3_600_000
 MAX_ARGS: Final = 4000
 MAX_TERMINAL: Final = 1000
 MAX_FETCH_REQUEST: Final = 64 * 1024      # vmFetch request bodies travel in one argv string
+MAX_BATCH_FILES: Final = 1000
+MAX_TREE_DEPTH: Final = 64
+MAX_TREE_ENTRIES: Final = 20_000
+MAX_EXCLUDES: Final = 256
 
 
 def _invalid(message: str) -> ActorvisorError:
@@ -169,6 +174,25 @@ class Actions:
             ActionName.LIST_SHELLS: spec(self._list_shells, (), True),
             ActionName.VM_FETCH: spec(self._vm_fetch, ("port", "path", "options"), True),
             ActionName.GET_NETWORK_POLICY: spec(self._get_network_policy, (), False),
+            # agentOS parity (docs/agentos-parity.md)
+            ActionName.PROMPT: spec(self._send_prompt, ("sessionId", "text"), True),
+            ActionName.CANCEL_SESSION: spec(self._cancel_prompt, ("sessionId",), True),
+            ActionName.DESTROY_SESSION: spec(self._destroy_session, ("sessionId",), True),
+            ActionName.LIST_PERSISTED_SESSIONS: spec(self._list_sessions, (), False),
+            ActionName.SET_MODEL: spec(self._set_model, ("sessionId", "modelId"), False),
+            ActionName.SET_MODE: spec(self._set_mode, ("sessionId", "modeId"), False),
+            ActionName.SET_THOUGHT_LEVEL: spec(self._set_thought_level, ("sessionId", "level"),
+                                               False),
+            ActionName.GET_MODES: spec(self._get_modes, ("sessionId",), False),
+            ActionName.GET_CONFIG_OPTIONS: spec(self._get_config_options, ("sessionId",), False),
+            ActionName.GET_SEQUENCED_EVENTS: spec(self._get_sequenced_events,
+                                                  ("sessionId", "options"), False),
+            ActionName.WRITE_FILES: spec(self._write_files, ("entries",), True),
+            ActionName.READ_FILES: spec(self._read_files, ("paths",), True),
+            ActionName.READDIR_RECURSIVE: spec(self._readdir_recursive, ("path", "options"), True),
+            ActionName.MOVE: spec(self._move, ("from", "to"), True),
+            ActionName.DELETE: spec(self._delete_file, ("path", "options"), True),
+            ActionName.EXEC_ARGV: spec(self._exec_argv, ("file", "args", "options"), True),
         }
 
     async def dispatch(self, name: str, args: list[Any]) -> Any:
@@ -188,8 +212,13 @@ class Actions:
         if not isinstance(agent_type, str) or agent_type not in {t.value for t in AgentType}:
             raise _invalid(f"createSession: argument 1 (agentType) must be one of "
                            f"{', '.join(repr(t.value) for t in AgentType)}; got {agent_type!r:.80}")
-        options = parse_options(a.get(1), what="createSession: argument 2 (options)")
-        return {"sessionId": self._sessions.create(AgentType(agent_type), options)}
+        kind = AgentType(agent_type)
+        options = parse_options(a.get(1), what="createSession: argument 2 (options)",
+                                agent_type=kind, default_policy=self._sessions.default_policy)
+        profile = PROFILES[kind]
+        # agentOS's SessionRecord shape: the ACP `initialize` answer comes with the id.
+        return {"sessionId": self._sessions.create(kind, options),
+                "capabilities": profile.capabilities, "agentInfo": profile.agent_info}
 
     async def _send_prompt(self, a: Args) -> Any:
         session_id, text = a.string(0), a.string(1, max_len=MAX_PROMPT_CHARS)
@@ -204,6 +233,25 @@ class Actions:
 
     async def _list_sessions(self, a: Args) -> Any:
         return self._sessions.summaries()
+
+    async def _destroy_session(self, a: Args) -> Any:
+        return await self._sessions.destroy(a.string(0))
+
+    async def _set_model(self, a: Args) -> Any:
+        return await self._sessions.configure(a.string(0), "setModel", model=a.get(1))
+
+    async def _set_mode(self, a: Args) -> Any:
+        return await self._sessions.configure(a.string(0), "setMode", mode=a.get(1))
+
+    async def _set_thought_level(self, a: Args) -> Any:
+        return await self._sessions.configure(a.string(0), "setThoughtLevel",
+                                              thought_level=a.get(1))
+
+    async def _get_modes(self, a: Args) -> Any:
+        return self._sessions.modes(a.string(0))
+
+    async def _get_config_options(self, a: Args) -> Any:
+        return self._sessions.config_options(a.string(0))
 
     async def _respond_permission(self, a: Args) -> Any:
         session_id, permission_id, reply = a.string(0), a.string(1), a.get(2)
@@ -229,12 +277,22 @@ class Actions:
         after, limit = self._cursor(a, 1, a.options(1, ("after", "limit")))
         page = await self._read(self._reader.read_session, session_id,
                                 EventName.SESSION_EVENT.value, after, limit)
-        return {
-            "events": [{"seq": e.seq, "sessionId": session_id, "event": e.payload.get("event"),
-                        "createdAt": e.created_at} for e in page.events],
-            "nextCursor": page.next_cursor,
-            "hasMore": page.has_more,
-        }
+        # agentOS's shape: an array of PersistedSessionEvent. To page, pass the last
+        # element's seq as `after`; a page shorter than `limit` may still not be the last
+        # (pages also end at a byte budget), an empty one is.
+        return [{"seq": e.seq, "sessionId": session_id, "event": e.payload.get("event"),
+                 "createdAt": e.created_at} for e in page.events]
+
+    async def _get_sequenced_events(self, a: Args) -> Any:
+        session_id = a.string(0)
+        self._sessions.get(session_id)
+        opts = a.options(1, ("since", "limit"))
+        since = a.option_int(1, opts, "since", 0, 0, 2**63 - 1)
+        limit = a.option_int(1, opts, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        page = await self._read(self._reader.read_session, session_id,
+                                EventName.SESSION_EVENT.value, since, limit)
+        return [{"sequenceNumber": e.seq, "notification": e.payload.get("event")}
+                for e in page.events]
 
     async def _replay_events(self, a: Args) -> Any:
         opts = a.options(0, ("after", "limit", "names"))
@@ -267,6 +325,78 @@ class Actions:
                            f"got {_type(content)}")
         await self._vm.write_file(a.path(0), content)
         return None
+
+    def _list(self, a: Args, index: int, max_len: int) -> list[Any]:
+        value = a.get(index)
+        if not isinstance(value, list):
+            raise _invalid(f"{a.what(index)} must be a list, got {_type(value)}")
+        if len(value) > max_len:
+            raise _invalid(f"{a.what(index)} has {len(value)} items; the limit is {max_len}")
+        return value
+
+    async def _write_files(self, a: Args) -> Any:
+        entries = []
+        for i, entry in enumerate(self._list(a, 0, MAX_BATCH_FILES)):
+            where = f"{a.what(0)}[{i}]"
+            if not isinstance(entry, dict) or set(entry) - {"path", "content"}:
+                raise _invalid(f"{where} must be an object {{path, content}}, got "
+                               f"{_type(entry) if not isinstance(entry, dict) else sorted(entry)}")
+            content = entry.get("content")
+            if isinstance(content, str):
+                content = content.encode("utf-8")
+            elif isinstance(content, bytearray | memoryview):
+                content = bytes(content)
+            if not isinstance(content, bytes):
+                raise _invalid(f"{where}.content must be a string or bytes, got {_type(content)}")
+            entries.append((normalize(entry.get("path"), what=f"{where}.path"), content))
+        results = []
+        for path, content in entries:
+            try:
+                await self._vm.write_file(path, content)
+                results.append({"path": str(path), "success": True})
+            except ActorvisorError as exc:
+                results.append({"path": str(path), "success": False, "error": exc.message,
+                                "code": exc.code.value})
+        return results
+
+    async def _read_files(self, a: Args) -> Any:
+        paths = [normalize(p, what=f"{a.what(0)}[{i}]")
+                 for i, p in enumerate(self._list(a, 0, MAX_BATCH_FILES))]
+        results: list[dict[str, Any]] = []
+        for path in paths:
+            try:
+                results.append({"path": str(path), "content": await self._vm.read_file(path)})
+            except ActorvisorError as exc:
+                results.append({"path": str(path), "error": exc.message, "code": exc.code.value})
+        return results
+
+    async def _readdir_recursive(self, a: Args) -> Any:
+        opts = a.options(1, ("maxDepth", "exclude"))
+        depth = a.option_int(1, opts, "maxDepth", MAX_TREE_DEPTH, 1, MAX_TREE_DEPTH)
+        exclude = opts.get("exclude", [])
+        if (not isinstance(exclude, list) or len(exclude) > MAX_EXCLUDES
+                or not all(isinstance(n, str) for n in exclude)):
+            raise _invalid(f"{a.what(1)}.exclude must be a list of at most {MAX_EXCLUDES} names")
+        return await self._vm.readdir_recursive(a.path(0), max_depth=depth,
+                                                exclude=frozenset(exclude),
+                                                max_entries=MAX_TREE_ENTRIES)
+
+    async def _move(self, a: Args) -> Any:
+        await self._vm.move(a.path(0), a.path(1))
+        return None
+
+    async def _exec_argv(self, a: Args) -> Any:
+        file = a.string(0, max_len=MAX_COMMAND_BYTES)
+        if not file or "\0" in file:
+            raise _invalid("execArgv: argument 1 (file) must be a non-empty string without NUL bytes")
+        argv = [file, *self._argv_strings(a, 1)]
+        opts = a.options(2, ("cwd", "env", "timeoutMs"))
+        env = validate_env(opts.get("env", {}), what="execArgv: argument 3 (options).env")
+        timeout_ms = a.option_int(2, opts, "timeoutMs", round(DEFAULT_EXEC_TIMEOUT_S * 1000),
+                                  1, MAX_TIMEOUT_MS)
+        cwd = normalize(opts["cwd"], what="execArgv: argument 3 (options).cwd") if "cwd" in opts else None
+        result = await self._vm.run(argv, cwd=cwd, env=env, timeout_s=timeout_ms / 1000)
+        return result.to_wire()
 
     async def _readdir(self, a: Args) -> Any:
         return await self._vm.readdir(a.path(0))

@@ -18,7 +18,8 @@ replay, so treat these columns as a contract:
            payload BLOB NOT NULL,     -- CBOR of the handler argument, including "seq"
            created_at INTEGER NOT NULL)  -- unix ms
     sessions(session_id TEXT PRIMARY KEY, agent_type TEXT, options BLOB /* CBOR */,
-             created_at INTEGER /* unix ms */, status TEXT /* idle|running|closed */)
+             created_at INTEGER /* unix ms */,
+             status TEXT /* idle|running|closed|destroyed */)
 
 A row in `events` exists only once its transaction committed; the worker publishes an
 event only after that commit, so anything a client has seen is in this file.
@@ -183,7 +184,7 @@ class EventLog:
             conn.executemany(
                 "INSERT INTO sessions (session_id, agent_type, options, created_at, status)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET"
-                " status = excluded.status",
+                " status = excluded.status, options = excluded.options",
                 [
                     (s.session_id, s.agent_type, cbor2.dumps(s.options), s.created_at, s.status)
                     for s in sessions
@@ -242,6 +243,12 @@ class EventReader:
             " WHERE session_id = ? AND name = ? AND seq > ?"
         )
         return self._page(sql, [session_id, name, after], after, limit)
+
+    def session_seqs(self, session_id: str) -> list[int]:
+        """Every seq logged for one session, whatever the event name (for deletion)."""
+        rows = self._conn.execute("SELECT seq FROM events WHERE session_id = ? ORDER BY seq",
+                                  [session_id]).fetchall()
+        return [r[0] for r in rows]
 
     def _page(self, sql: str, params: list[Any], after: int, limit: int) -> Page:
         # One row more than asked tells whether there is a next page without a COUNT.

@@ -34,6 +34,7 @@ from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Sh
 
 from . import credentials, logs, vmroot
 from .actions import Actions
+from .agents.base import PermissionPolicy
 from .eventlog import EventLog, EventReader
 from .outbox import Outbox
 from .processes import ProcessLimits, ProcessTable
@@ -62,6 +63,7 @@ class Config:
     supervisor_timeout_s: float
     log_level: str
     vm: VmSettings
+    permission_policy: PermissionPolicy = PermissionPolicy.ASK
 
     @property
     def actor_dir(self) -> Path:
@@ -83,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--log-level", default="info", choices=logs.LEVELS)
     parser.add_argument("--vm-settings", type=VmSettings.from_arg, default=VmSettings(),
                         help="the VM's limits and identity range, as JSON (vm.VmSettings)")
+    parser.add_argument("--permission-policy", type=PermissionPolicy, default=PermissionPolicy.ASK,
+                        choices=list(PermissionPolicy),
+                        help="what sessions that set no permissionPolicy get")
     ns = parser.parse_args(argv)
     # The id names a directory: it must be one plain path component.
     if not ns.actor_id or "/" in ns.actor_id or "\0" in ns.actor_id or ns.actor_id in (".", ".."):
@@ -93,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             parser.error(f"{flag} must be positive")
     return Config(ns.actor_id, ns.actor_name, ns.actor_key, ns.endpoint, ns.state_dir,
                   ns.boot_delay, ns.generation, ns.heartbeat_interval, ns.supervisor_timeout,
-                  ns.log_level, ns.vm_settings)
+                  ns.log_level, ns.vm_settings, ns.permission_policy)
 
 
 def die_with_parent() -> None:
@@ -138,7 +143,8 @@ class Worker:
         self.vm = Vm(cfg.actor_dir, cfg.actor_id, cfg.state_dir, cfg.boot_delay_s, cfg.vm,
                      self._on_limit, self._on_network)
         self.sessions = SessionManager(self.outbox, self.vm, event_log.load_sessions(),
-                                       SessionLog(self.outbox, reader, reader_pool))
+                                       SessionLog(self.outbox, reader, reader_pool),
+                                       cfg.permission_policy)
         self.processes = ProcessTable(self.outbox, cfg.actor_dir, ProcessLimits(
             cfg.vm.max_processes, cfg.vm.max_shells, cfg.vm.output_log_mb << 20))
         self.actions = Actions(self.vm, self.sessions, self.outbox, reader, reader_pool,

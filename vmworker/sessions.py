@@ -12,7 +12,10 @@ through `Vm`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,7 +26,7 @@ import structlog
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import AgentType, EventName
 
-from .agents import create_agent
+from .agents import PROFILES, create_agent
 from .agents.base import (
     DEFAULT_PERMISSION_OPTIONS,
     Agent,
@@ -44,7 +47,11 @@ MAX_PROMPT_CHARS: Final = 1024 * 1024
 MAX_TOKENS_LIMIT: Final = 1_000_000
 HISTORY_PAGE: Final = 10_000
 _OPTION_KEYS: Final = ("cwd", "env", "model", "systemPrompt", "permissionPolicy", "maxTokens",
-                       "thinking", "thinkingBudget")
+                       "thinking", "thinkingBudget", "mcpServers", "additionalInstructions",
+                       "skipOsInstructions", "mode", "thoughtLevel")
+MAX_MCP_SERVERS: Final = 32
+MAX_INSTRUCTIONS_CHARS: Final = 64 * 1024
+MAX_NAME_CHARS: Final = 256
 
 log = structlog.get_logger()
 
@@ -53,9 +60,65 @@ class SessionStatus(StrEnum):
     IDLE = "idle"
     RUNNING = "running"
     CLOSED = "closed"
+    DESTROYED = "destroyed"
 
 
-def parse_options(value: object, *, what: str = "options") -> SessionOptions:
+def _invalid(message: str) -> ActorvisorError:
+    return ActorvisorError(ErrorCode.INVALID_ARGS, message)
+
+
+def _string_map(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > 256 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_NAME_CHARS
+            and len(v) <= MAX_INSTRUCTIONS_CHARS for k, v in value.items()):
+        raise _invalid(f"{what} must be an object of at most 256 string values")
+    return dict(value)
+
+
+def parse_mcp_servers(value: object, what: str) -> tuple[dict[str, Any], ...]:
+    """agentOS's `mcpServers`: `{type: "local", command, args?, env?}` or
+    `{type: "remote", url, headers?}`."""
+    if not isinstance(value, list) or len(value) > MAX_MCP_SERVERS:
+        raise _invalid(f"{what} must be a list of at most {MAX_MCP_SERVERS} servers")
+    servers = []
+    for i, server in enumerate(value):
+        where = f"{what}[{i}]"
+        if not isinstance(server, dict):
+            raise _invalid(f"{where} must be an object")
+        kind = server.get("type")
+        fields = {"local": ("type", "command", "args", "env"),
+                  "remote": ("type", "url", "headers")}.get(kind if isinstance(kind, str) else "")
+        if fields is None:
+            raise _invalid(f"{where}.type must be 'local' or 'remote'; got {kind!r:.80}")
+        unknown = sorted(str(k) for k in server if k not in fields)
+        if unknown:
+            raise _invalid(f"{where}: unknown field {unknown[0]!r:.80}; expected {', '.join(fields)}")
+        required = "command" if kind == "local" else "url"
+        if not isinstance(server.get(required), str) or not server[required]:
+            raise _invalid(f"{where}.{required} must be a non-empty string")
+        out: dict[str, Any] = {"type": kind, required: server[required]}
+        if server.get("args") is not None:
+            args = server["args"]
+            if not isinstance(args, list) or len(args) > 256 or not all(isinstance(a, str) for a in args):
+                raise _invalid(f"{where}.args must be a list of at most 256 strings")
+            out["args"] = list(args)
+        for key in ("env", "headers"):
+            if server.get(key) is not None:
+                out[key] = _string_map(server[key], f"{where}.{key}")
+        servers.append(out)
+    return tuple(servers)
+
+
+def _choice(value: object, allowed: Sequence[str], what: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise _invalid(f"{what} must be one of {', '.join(repr(a) for a in allowed)}; "
+                       f"got {value!r:.80}")
+    return value
+
+
+def parse_options(value: object, *, what: str = "options",
+                  agent_type: AgentType = AgentType.LOCAL,
+                  default_policy: PermissionPolicy = PermissionPolicy.ASK) -> SessionOptions:
     """Validate `createSession` options; every error names the offending field."""
     if value is None:
         return SessionOptions()
@@ -79,7 +142,7 @@ def parse_options(value: object, *, what: str = "options") -> SessionOptions:
         strings[key] = item
     policy = value.get("permissionPolicy")
     if policy is None:
-        policy = PermissionPolicy.ALLOW_ALL.value
+        policy = default_policy.value
     if not isinstance(policy, str) or policy not in {p.value for p in PermissionPolicy}:
         raise ActorvisorError(
             ErrorCode.INVALID_ARGS,
@@ -93,12 +156,29 @@ def parse_options(value: object, *, what: str = "options") -> SessionOptions:
             raise ActorvisorError(ErrorCode.INVALID_ARGS,
                                   f"{what}.{key} must be an integer from 1 to {MAX_TOKENS_LIMIT}")
         limits[key] = item
-    thinking = value.get("thinking")
-    if thinking is not None and not isinstance(thinking, bool):
-        raise ActorvisorError(ErrorCode.INVALID_ARGS, f"{what}.thinking must be a boolean")
+    flags: dict[str, bool] = {}
+    for key in ("thinking", "skipOsInstructions"):
+        item = value.get(key)
+        if item is not None and not isinstance(item, bool):
+            raise ActorvisorError(ErrorCode.INVALID_ARGS, f"{what}.{key} must be a boolean")
+        flags[key] = bool(item)
+    extra = value.get("additionalInstructions")
+    if extra is not None and (not isinstance(extra, str) or len(extra) > MAX_INSTRUCTIONS_CHARS):
+        raise _invalid(f"{what}.additionalInstructions must be a string of at most "
+                       f"{MAX_INSTRUCTIONS_CHARS} characters")
+    mcp = value.get("mcpServers")
+    profile = PROFILES[agent_type]
+    mode = value.get("mode")
+    if mode is not None:
+        mode = _choice(mode, [m for m, _ in profile.modes], f"{what}.mode")
+    level = value.get("thoughtLevel")
+    if level is not None:
+        level = _choice(level, profile.thought_levels, f"{what}.thoughtLevel")
     return SessionOptions(cwd, env, strings["model"], strings["systemPrompt"],
-                          PermissionPolicy(policy), limits["maxTokens"], bool(thinking),
-                          limits["thinkingBudget"])
+                          PermissionPolicy(policy), limits["maxTokens"], flags["thinking"],
+                          limits["thinkingBudget"],
+                          parse_mcp_servers(mcp, f"{what}.mcpServers") if mcp is not None else (),
+                          extra, flags["skipOsInstructions"], mode, level)
 
 
 @dataclass(eq=False)
@@ -178,17 +258,23 @@ class SessionTurn:
     async def request_permission(
         self, tool_call: dict[str, Any], options: list[dict[str, Any]] | None = None
     ) -> PermissionReply:
-        if self.options.permission_policy is PermissionPolicy.ALLOW_ALL:
+        if self.options.permission_policy is PermissionPolicy.ALLOW_ALL or (
+                self.options.mode == "bypassPermissions"):
             return PermissionReply.ONCE
         permission_id = uuid.uuid4().hex
+        options = options or DEFAULT_PERMISSION_OPTIONS
         future: asyncio.Future[PermissionReply] = asyncio.get_running_loop().create_future()
         self._session.permissions[permission_id] = future
         try:
             await self._outbox.append(
                 EventName.PERMISSION_REQUEST.value,
                 {"sessionId": self.session_id,
-                 "request": {"permissionId": permission_id, "toolCall": tool_call,
-                             "options": options or DEFAULT_PERMISSION_OPTIONS}},
+                 "request": {"permissionId": permission_id,
+                             "description": _describe(tool_call),
+                             # The ACP `session/request_permission` params, as agentOS has.
+                             "params": {"sessionId": self.session_id, "toolCall": tool_call,
+                                        "options": options},
+                             "toolCall": tool_call, "options": options}},
                 session_id=self.session_id,
             )
             return await future
@@ -205,6 +291,14 @@ class SessionTurn:
             raise
         finally:
             self._session.permissions.pop(permission_id, None)
+
+
+def _describe(tool_call: dict[str, Any]) -> str:
+    """One line a person (or a filter like agentOS's selective approval) can read:
+    the tool's kind and title, e.g. `read: Read /workspace/config.json`."""
+    title = str(tool_call.get("title") or tool_call.get("toolCallId") or "tool call")
+    kind = tool_call.get("kind")
+    return f"{kind}: {title}" if isinstance(kind, str) else title
 
 
 class SessionLog:
@@ -238,11 +332,21 @@ class SessionLog:
                 return updates
 
 
+    async def seqs(self, session_id: str) -> list[int]:
+        """The seq of every event logged for the session (all names), oldest first."""
+        await self._outbox.flush()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._reader.session_seqs, session_id)
+
+
 class SessionManager:
-    def __init__(self, outbox: Outbox, vm: Vm, rows: list[SessionRow], log: SessionLog) -> None:
+    def __init__(self, outbox: Outbox, vm: Vm, rows: list[SessionRow], log: SessionLog,
+                 default_policy: PermissionPolicy = PermissionPolicy.ASK) -> None:
         self._outbox = outbox
         self._vm = vm
         self._log = log
+        self.default_policy = default_policy
+        self._prompt_ids = itertools.count(1)
         self._sessions: dict[str, Session] = {}
         for row in rows:
             # A session that was running when the last worker died is idle now: its turn
@@ -250,23 +354,30 @@ class SessionManager:
             status = SessionStatus(row.status)
             if status is SessionStatus.RUNNING:
                 status = SessionStatus.IDLE
+            agent_type = AgentType(row.agent_type)
             self._sessions[row.session_id] = Session(
-                row.session_id, AgentType(row.agent_type), parse_options(row.options),
+                row.session_id, agent_type,
+                parse_options(row.options, agent_type=agent_type, default_policy=default_policy),
                 row.created_at, status)
 
     @property
     def open_count(self) -> int:
-        return sum(s.status is not SessionStatus.CLOSED for s in self._sessions.values())
+        return sum(s.status not in (SessionStatus.CLOSED, SessionStatus.DESTROYED)
+                   for s in self._sessions.values())
 
     def summaries(self) -> list[dict[str, Any]]:
         return [s.summary() for s in sorted(self._sessions.values(),
-                                            key=lambda s: (s.created_at, s.id))]
+                                            key=lambda s: (s.created_at, s.id))
+                if s.status is not SessionStatus.DESTROYED]
 
     def get(self, session_id: str) -> Session:
-        """Any session ever created here, closed ones included."""
+        """Any session ever created here, closed ones included, destroyed ones not."""
         session = self._sessions.get(session_id)
         if session is None:
             raise ActorvisorError(ErrorCode.SESSION_NOT_FOUND, f"no session {session_id!r:.80}")
+        if session.status is SessionStatus.DESTROYED:
+            raise ActorvisorError(ErrorCode.SESSION_NOT_FOUND,
+                                  f"session {session_id} was destroyed, with its events")
         return session
 
     def _open(self, session_id: str) -> Session:
@@ -307,7 +418,10 @@ class SessionManager:
             session.turn = None
             if session.status is SessionStatus.RUNNING:
                 self._set_status(session, SessionStatus.IDLE)
-        return {"text": "".join(turn.text_parts), "stopReason": stop.value}
+        # `response` is the ACP `session/prompt` JSON-RPC response agentOS returns.
+        return {"text": "".join(turn.text_parts), "stopReason": stop.value,
+                "response": {"jsonrpc": "2.0", "id": next(self._prompt_ids),
+                             "result": {"stopReason": stop.value}}}
 
     @staticmethod
     async def _run_turn(agent: Agent, turn: SessionTurn, text: str) -> StopReason:
@@ -355,6 +469,93 @@ class SessionManager:
         if session.agent is not None:
             await session.agent.close()
             session.agent = None
+
+    async def destroy(self, session_id: str) -> dict[str, Any]:
+        """Close the session and delete its events, leaving one `sessionDestroyed` marker.
+
+        The marker is appended before the deletion is queued, so the log's last seq never
+        moves back and a cursor anywhere in the deleted range still reads on from there
+        (docs/delivery.md, "Deletion")."""
+        session = self.get(session_id)
+        if session.status is not SessionStatus.CLOSED:
+            await self.close(session_id)
+        self._set_status(session, SessionStatus.DESTROYED)
+        # Everything of the session queued so far (the close's own events too) is
+        # committed after this, so the read below sees all of it.
+        await self._outbox.flush()
+        seqs = await self._log.seqs(session_id)
+        marker = await self._outbox.append(
+            EventName.SESSION_DESTROYED.value,
+            {"sessionId": session_id, "deletedEvents": len(seqs),
+             "throughSeq": seqs[-1] if seqs else None},
+            session_id=session_id)
+        if seqs:
+            self._outbox.delete(seqs)
+        await self._outbox.flush()
+        return {"sessionId": session_id, "deletedEvents": len(seqs), "markerSeq": marker}
+
+    def _idle(self, session_id: str, what: str) -> Session:
+        session = self._open(session_id)
+        if session.turn is not None:
+            raise ActorvisorError(ErrorCode.SESSION_BUSY,
+                                  f"{what}: session {session_id} is running a prompt; "
+                                  "cancel it or wait for it to finish")
+        return session
+
+    async def configure(self, session_id: str, what: str, **changes: Any) -> dict[str, Any]:
+        """Change the session's model, mode or thought level; the next prompt uses it.
+
+        The agent is rebuilt from the new options (agents rebuild their conversation from
+        the log, so nothing of it is lost)."""
+        session = self._idle(session_id, what)
+        profile = PROFILES[session.agent_type]
+        if "mode" in changes:
+            changes["mode"] = _choice(changes["mode"], [m for m, _ in profile.modes],
+                                      f"{what}: argument 2 (modeId)")
+        if "thought_level" in changes:
+            changes["thought_level"] = _choice(changes["thought_level"], profile.thought_levels,
+                                               f"{what}: argument 2 (level)")
+        if "model" in changes:
+            model = changes["model"]
+            if not isinstance(model, str) or not model or len(model) > MAX_NAME_CHARS:
+                raise _invalid(f"{what}: argument 2 (modelId) must be a non-empty string of "
+                               f"at most {MAX_NAME_CHARS} characters; got {model!r:.80}")
+        session.options = dataclasses.replace(session.options, **changes)
+        self._outbox.save_session(session.row())
+        if session.agent is not None:
+            await session.agent.close()
+            session.agent = None
+        return {"jsonrpc": "2.0", "id": next(self._prompt_ids), "result": {},
+                "configOptions": self.config_options(session_id)}
+
+    def modes(self, session_id: str) -> dict[str, Any]:
+        """ACP `SessionModeState`."""
+        session = self.get(session_id)
+        profile = PROFILES[session.agent_type]
+        return {"currentModeId": session.options.mode or profile.modes[0][0],
+                "availableModes": [{"id": m, "name": m, "description": d}
+                                   for m, d in profile.modes]}
+
+    def config_options(self, session_id: str) -> list[dict[str, Any]]:
+        """ACP `SessionConfigOption`s: model, mode and thought level, with current values."""
+        session = self.get(session_id)
+        profile = PROFILES[session.agent_type]
+        model = session.options.model or profile.models[0]
+        models = list(profile.models) + ([model] if model not in profile.models else [])
+
+        def select(ident: str, name: str, current: str, values: Sequence[str]) -> dict[str, Any]:
+            return {"id": ident, "name": name, "category": ident, "type": "select",
+                    "currentValue": current,
+                    "options": [{"value": v, "name": v} for v in values]}
+
+        return [
+            select("model", "Model", model, models),
+            select("mode", "Mode", session.options.mode or profile.modes[0][0],
+                   [m for m, _ in profile.modes]),
+            select("thought_level", "Thought level",
+                   session.options.thought_level or profile.thought_levels[0],
+                   profile.thought_levels),
+        ]
 
     def respond_permission(self, session_id: str, permission_id: str,
                                  reply: PermissionReply) -> None:

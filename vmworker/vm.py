@@ -406,3 +406,13 @@ class Vm:
         info = await self.stat(path)
         if not info["isDirectory"]:
             raise ActorvisorError(ErrorCode.NOT_A_DIRECTORY, f"cwd {path}: not a directory")
+
+    async def move(self, source: VmPath, target: VmPath) -> None:
+        await self._in_fs(self.fs.move, source, target)
+
+    async def readdir_recursive(self, path: VmPath, *, max_depth: int, exclude: frozenset[str],
+                                max_entries: int) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = await self._in_fs(
+            self.fs.readdir_recursive, path, max_depth=max_depth, exclude=exclude,
+            max_entries=max_entries)
+        return entries

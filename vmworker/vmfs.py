@@ -297,3 +297,74 @@ class VmFs:
             # shutil.rmtree with dir_fd walks with fds and O_NOFOLLOW (its symlink-attack
             # resistant variant), so a symlink planted mid-delete is unlinked, not followed.
             shutil.rmtree(name, dir_fd=dfd)
+
+    def move(self, source: VmPath, target: VmPath) -> None:
+        """Rename within the VM's directories; both parents are walked without symlinks."""
+        for path in (source, target):
+            if len(path.parts) == 1:
+                raise _err(ErrorCode.INVALID_PATH, f"{path} is a VM mount point and cannot be moved")
+        if target.parts[:len(source.parts)] == source.parts:
+            raise _err(ErrorCode.INVALID_PATH, f"cannot move {source} into itself ({target})")
+        with self._parent(source) as (sfd, sname), self._parent(target) as (tfd, tname):
+            try:
+                os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+            except OSError as exc:
+                raise self._walk_error(sfd, sname, str(source), exc) from None
+            try:
+                os.rename(sname, tname, src_dir_fd=sfd, dst_dir_fd=tfd)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise _err(ErrorCode.FILE_EXISTS,
+                               f"{target}: a non-empty directory is in the way") from None
+                if exc.errno == errno.EISDIR:
+                    raise _err(ErrorCode.IS_A_DIRECTORY, f"{target}: is a directory") from None
+                if exc.errno == errno.ENOTDIR:
+                    raise _err(ErrorCode.NOT_A_DIRECTORY, f"{target}: not a directory") from None
+                if exc.errno == errno.EXDEV:
+                    # /workspace, /tmp and /home may be different file systems.
+                    raise _err(ErrorCode.INVALID_PATH,
+                               f"cannot move {source} to {target}: different VM mounts") from None
+                raise self._walk_error(sfd, sname, str(source), exc) from None
+
+    def readdir_recursive(self, path: VmPath, *, max_depth: int, exclude: frozenset[str],
+                          max_entries: int) -> list[dict[str, Any]]:
+        """Every entry under `path`, depth first in name order, as `{type, path, size}`.
+
+        Symlinks are listed, never followed. Depth 1 is `path`'s own children; a name in
+        `exclude` is left out together with everything below it."""
+        out: list[dict[str, Any]] = []
+        with self._parent(path) as (dfd, name):
+            root = self._open_dir(dfd, name, str(path))
+        try:
+            self._walk(root, str(path), 1, max_depth, exclude, max_entries, out)
+        finally:
+            os.close(root)
+        return out
+
+    def _walk(self, fd: int, shown: str, depth: int, max_depth: int, exclude: frozenset[str],
+              max_entries: int, out: list[dict[str, Any]]) -> None:
+        for raw in sorted(os.listdir(fd)):
+            name = _display_name(raw)
+            if name in exclude:
+                continue
+            try:
+                info = os.stat(raw, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # the VM removed it while we listed
+            if len(out) >= max_entries:
+                raise _err(ErrorCode.INVALID_ARGS,
+                           f"more than {max_entries} entries under the listed directory; "
+                           "narrow it with maxDepth or exclude")
+            child = f"{shown.rstrip('/')}/{name}"
+            kind = ("directory" if st.S_ISDIR(info.st_mode)
+                    else "symlink" if st.S_ISLNK(info.st_mode) else "file")
+            out.append({"type": kind, "path": child, "size": info.st_size})
+            if kind == "directory" and depth < max_depth:
+                try:
+                    sub = os.open(raw, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue  # replaced by something else while we walked: not followed
+                try:
+                    self._walk(sub, child, depth + 1, max_depth, exclude, max_entries, out)
+                finally:
+                    os.close(sub)

@@ -18,10 +18,10 @@ async def logged_seqs(client: Client, key: str, session_id: str) -> list[int]:
     seqs, after = [], 0
     while True:
         page = await client.action("vm", key, "getSessionEvents", session_id, {"after": after, "limit": 10000})
-        seqs.extend(e["seq"] for e in page["events"])
-        after = page["nextCursor"]
-        if not page["hasMore"]:
+        if not page:
             return seqs
+        seqs.extend(e["seq"] for e in page)
+        after = page[-1]["seq"]
 
 
 

@@ -18,10 +18,10 @@ async def collect_log(conn_or_client, session_id: str, *, via_http: tuple | None
             page = await client.action("vm", key, "getSessionEvents", session_id, {"after": after})
         else:
             page = await conn_or_client.call("getSessionEvents", session_id, {"after": after})
-        events.extend(page["events"])
-        after = page["nextCursor"]
-        if not page["hasMore"]:
+        if not page:
             return events
+        events.extend(page)
+        after = page[-1]["seq"]
 
 
 async def test_subscribe_then_act_on_one_connection(supervisor):

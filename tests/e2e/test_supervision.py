@@ -179,7 +179,7 @@ async def test_idle_actor_sleeps_and_wakes_with_everything(make_supervisor):
         sessions = await client.action("vm", "sleepy", "listSessions")
         assert [s["sessionId"] for s in sessions] == [sid]
         after = await client.action("vm", "sleepy", "getSessionEvents", sid, {})
-        assert after["events"] == before["events"]
+        assert after == before
         logged = await replay_all(client, "sleepy")
         assert [e["args"][0]["reason"] for e in logged if e["name"] == "vmShutdown"] == ["sleep"]
         assert (await client.action("vm", "sleepy", "sendPrompt", sid, "again"))["stopReason"] == "end_turn"

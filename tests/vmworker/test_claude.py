@@ -32,6 +32,7 @@ from vmworker.sessions import SessionManager
 from vmworker.vmfs import normalize
 
 from .conftest import InProcessActor
+from .test_sessions import ours
 
 
 @pytest.fixture
@@ -52,6 +53,9 @@ def no_host_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def claude_session(actor: InProcessActor, fake: FakeAnthropic, *, key: str | None = None,
                          **options: Any) -> str:
+    # Sessions ask before each tool call by default (fail closed); these tests answer
+    # for themselves only where they say permissionPolicy="ask".
+    options.setdefault("permissionPolicy", "allow_all")
     env = {"ANTHROPIC_API_KEY": key or fake.api_key, "ANTHROPIC_BASE_URL": fake.url,
            **options.pop("env", {})}
     result = await actor.call("createSession", "claude", {"env": env, **options})
@@ -115,7 +119,7 @@ async def test_multi_step_tool_turn(actor: InProcessActor, fake: FakeAnthropic) 
     reply = await actor.call("sendPrompt", sid, prompt)
     await settle(actor)
 
-    assert reply == {"text": "I'll write it.The file says: hello from claude",
+    assert ours(reply) == {"text": "I'll write it.The file says: hello from claude",
                      "stopReason": "end_turn"}
     assert (actor.vm.root / "workspace/notes/hello.txt").read_text() == "hello from claude"
     seen = updates(actor, sid)
@@ -180,7 +184,7 @@ async def test_thinking_streams_as_thoughts_and_stays_in_the_tool_loop(
     )
     reply = await actor.call("sendPrompt", sid, "say hi with bash")
     await settle(actor)
-    assert reply == {"text": "Running it.It printed hi.", "stopReason": "end_turn"}
+    assert ours(reply) == {"text": "Running it.It printed hi.", "stopReason": "end_turn"}
     seen = updates(actor, sid)
     thoughts = [u["content"]["text"] for u in seen if u["sessionUpdate"] == "agent_thought_chunk"]
     assert "".join(thoughts) == "The user wants hi." and len(thoughts) == 2
@@ -227,12 +231,12 @@ async def test_cancel_mid_stream_aborts_the_request_and_keeps_the_session(
     turn = asyncio.create_task(actor.call("sendPrompt", sid, "go"))
     await wait_until(actor, lambda: len(updates(actor, sid)) == 3)
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
-    assert await asyncio.wait_for(turn, 10) == {"text": "Partial answer", "stopReason": "cancelled"}
+    assert ours(await asyncio.wait_for(turn, 10)) == {"text": "Partial answer", "stopReason": "cancelled"}
     await fake.wait_outcome(0, "aborted")
     assert (await actor.call("listSessions"))[0]["status"] == "idle"  # type: ignore[index]
 
     fake.script(Reply(Text("Fine.")))
-    assert await actor.call("sendPrompt", sid, "again") == {"text": "Fine.", "stopReason": "end_turn"}
+    assert ours(await actor.call("sendPrompt", sid, "again")) == {"text": "Fine.", "stopReason": "end_turn"}
     assert fake.requests[1].messages == [user("go"), assistant("Partial answer"), user("again")]
 
 
@@ -351,7 +355,7 @@ async def test_401_is_a_clear_error_without_retry_and_the_session_stays_usable(
 
     fake.api_key = "sk-test-not-the-right-one"  # the key becomes valid
     fake.script(Reply(Text("Hi!")))
-    assert await actor.call("sendPrompt", sid, "hello again") == {"text": "Hi!", "stopReason": "end_turn"}
+    assert ours(await actor.call("sendPrompt", sid, "hello again")) == {"text": "Hi!", "stopReason": "end_turn"}
     # The error notice is not something the model said: it is left out of the history.
     assert fake.requests[1].messages == [user("hello?", "hello again")]
 
@@ -372,7 +376,7 @@ async def test_overload_is_retried_by_the_sdk_then_reported(
 
     # Transient failures (an error status, a dropped connection) are retried to success.
     fake.script(Fail(status, error_type), Drop(), Reply(Text("Back.")))
-    assert await actor.call("sendPrompt", sid, "now?") == {"text": "Back.", "stopReason": "end_turn"}
+    assert ours(await actor.call("sendPrompt", sid, "now?")) == {"text": "Back.", "stopReason": "end_turn"}
     assert [r.outcome for r in fake.requests[-3:]] == [f"http {status}", "dropped", "streamed"]
     assert fake.requests[-1].messages == [user("busy?", "now?")]
 

@@ -10,6 +10,7 @@ from protocol.worker import Sleep
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text
 
 from .harness import WorkerHarness
+from .test_sessions import ours
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ async def test_conversation_survives_sleep_with_the_key_from_the_worker_environm
     await harness.wait_event("vmBooted")
     sid = (await harness.call("createSession", "claude"))["sessionId"]
     fake.script(Reply(Text("Noted: 42.")))
-    assert await harness.call("sendPrompt", sid, "Remember 42.") == {"text": "Noted: 42.",
+    assert ours(await harness.call("sendPrompt", sid, "Remember 42.")) == {"text": "Noted: 42.",
                                                                       "stopReason": "end_turn"}
     await harness.send(Sleep())
     assert await harness.wait_exit() == 0

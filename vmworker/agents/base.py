@@ -94,6 +94,23 @@ class SessionOptions:
     max_tokens: int | None = None
     thinking: bool = False
     thinking_budget: int | None = None
+    # agentOS's options: MCP servers the session asks for (recorded; see agentos-parity.md),
+    # instructions appended to the OS preamble, or the preamble left out entirely.
+    mcp_servers: tuple[dict[str, Any], ...] = ()
+    additional_instructions: str | None = None
+    skip_os_instructions: bool = False
+    # Set with setMode / setThoughtLevel; None is the agent's default.
+    mode: str | None = None
+    thought_level: str | None = None
+
+    def instructions(self, preamble: str) -> str:
+        """The system instructions an agent gets: `systemPrompt` when given, else the OS
+        preamble (left out under `skipOsInstructions`), then `additionalInstructions`."""
+        base = (self.system_prompt if self.system_prompt is not None
+                else "" if self.skip_os_instructions else preamble)
+        if self.additional_instructions:
+            return f"{base}\n\n{self.additional_instructions}" if base else self.additional_instructions
+        return base
 
     @property
     def vm_env(self) -> dict[str, str]:
@@ -116,7 +133,24 @@ class SessionOptions:
             out["thinking"] = True
         if self.thinking_budget is not None:
             out["thinkingBudget"] = self.thinking_budget
+        if self.mcp_servers:
+            out["mcpServers"] = [_without_secrets(s) for s in self.mcp_servers]
+        if self.additional_instructions is not None:
+            out["additionalInstructions"] = self.additional_instructions
+        if self.skip_os_instructions:
+            out["skipOsInstructions"] = True
+        if self.mode is not None:
+            out["mode"] = self.mode
+        if self.thought_level is not None:
+            out["thoughtLevel"] = self.thought_level
         return out
+
+
+def _without_secrets(server: dict[str, Any]) -> dict[str, Any]:
+    """An MCP server as persisted: its env and headers may carry tokens, so their values
+    are kept in memory only, like the session's agent credentials."""
+    return {k: ({name: "" for name in v} if k in ("env", "headers") and isinstance(v, dict) else v)
+            for k, v in server.items()}
 
 
 class Turn(Protocol):

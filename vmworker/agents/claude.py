@@ -83,6 +83,17 @@ system is read-only. Use the tools to look around, read and change files and run
 paths may be absolute or relative to the working directory. Work step by step, check what \
 you did, and finish with a short answer that says what you did."""
 
+MODE_INSTRUCTIONS: Final = {
+    "plan": "\n\nYou are in plan mode: look around with the read-only tools if you need to, "
+            "then answer with a plan. Do not change files or run commands that change anything.",
+}
+"""What `setMode` adds to the instructions; `default` adds nothing. (`bypassPermissions`
+acts on the session's permission policy instead, in sessions.py.)"""
+
+THOUGHT_BUDGETS: Final = {"low": 1024, "medium": 4096, "high": 16384}
+"""`setThoughtLevel` → extended thinking budget in tokens; `off` leaves thinking to the
+session's `thinking`/`thinkingBudget` options."""
+
 _STOP_REASONS: Final = {
     "end_turn": StopReason.END_TURN,
     "stop_sequence": StopReason.END_TURN,
@@ -137,11 +148,15 @@ class ClaudeConfig:
                 "given there is kept in memory only, so after a worker restart the session "
                 "needs the supervisor's)")
         thinking: dict[str, Any] | None = None
-        if options.thinking_budget is not None:
+        level_budget = THOUGHT_BUDGETS.get(options.thought_level or "")
+        if level_budget is not None:
+            thinking = {"type": "enabled", "budget_tokens": level_budget}
+        elif options.thinking_budget is not None:
             thinking = {"type": "enabled", "budget_tokens": options.thinking_budget}
         elif options.thinking:
             thinking = {"type": "adaptive", "display": "summarized"}
-        max_tokens = options.max_tokens or DEFAULT_MAX_TOKENS + (options.thinking_budget or 0)
+        max_tokens = options.max_tokens or DEFAULT_MAX_TOKENS + (
+            level_budget or options.thinking_budget or 0)
         cwd = options.cwd or WORKSPACE
         return cls(
             api_key=api_key,
@@ -150,8 +165,8 @@ class ClaudeConfig:
             model=options.model or DEFAULT_MODEL,
             max_tokens=max_tokens,
             thinking=thinking,
-            system_prompt=(options.system_prompt if options.system_prompt is not None
-                           else DEFAULT_SYSTEM_PROMPT.format(cwd=cwd)),
+            system_prompt=options.instructions(DEFAULT_SYSTEM_PROMPT.format(cwd=cwd))
+            + MODE_INSTRUCTIONS.get(options.mode or "", ""),
             max_retries=int(_env_number(environ, ENV_MAX_RETRIES, DEFAULT_MAX_RETRIES, 0)),
             permission_timeout_s=_env_number(environ, ENV_PERMISSION_TIMEOUT,
                                              DEFAULT_PERMISSION_TIMEOUT_S, 0.001),

@@ -4,7 +4,9 @@ Reads the prompt line by line (the language is documented in docs/local-agent.md
 `think: …` thinks aloud, `run: …` runs a shell command in the VM, `write PATH: …` writes
 a file in the VM, `chunks: N` streams N numbered message chunks, `sleep: S` waits S
 seconds (to exercise cancellation), and any other line is echoed back. Everything it says
-is streamed as ACP updates in word groups. It never asks for permission, never calls the
+is streamed as ACP updates in word groups. In `plan` mode it says what it would run or
+write instead of doing it; at thought level `off` it keeps its thoughts to itself. Its
+commands are the prompt's own lines, so it never asks for permission; it never calls the
 network, and its reply text depends only on the prompt and on what the VM returns.
 """
 
@@ -55,7 +57,10 @@ class LocalAgent(Agent):
             if directive := _DIRECTIVE.match(line):
                 verb, arg = directive.groups()
                 said_anything |= await self._directive(turn, verb, arg)
-            elif write := _WRITE.match(line):
+            elif (write := _WRITE.match(line)) and turn.options.mode == "plan":
+                await self._say(turn, f"Plan: would write {write[1]}.\n")
+                said_anything = True
+            elif write:
                 await self._say(turn, await self._write(turn, write[1], write[2]))
                 said_anything = True
             elif line.strip():
@@ -69,10 +74,15 @@ class LocalAgent(Agent):
         """Run one `verb: arg` line; returns whether it added to the reply text."""
         match verb:
             case "think":
+                if turn.options.thought_level == "off":
+                    return False
                 for group in word_groups(arg):
                     await turn.emit(chunk(UpdateKind.AGENT_THOUGHT_CHUNK, group))
                 return False
             case "run":
+                if turn.options.mode == "plan":
+                    await self._say(turn, f"Plan: would run `{arg}`.\n")
+                    return True
                 await self._say(turn, await self._run(turn, arg))
                 return True
             case "chunks":

@@ -24,15 +24,15 @@ export function makeClient(encoding) {
 	return createClient({ endpoint, encoding });
 }
 
-/** Page through `getSessionEvents` until the log is exhausted. */
+/** Page through `getSessionEvents` (an array, as agentOS has) until a page is empty. */
 export async function sessionLog(handle, sessionId) {
 	const events = [];
 	let after = 0;
 	for (;;) {
 		const page = await handle.getSessionEvents(sessionId, { after });
-		events.push(...page.events);
-		after = page.nextCursor;
-		if (!page.hasMore) return events;
+		if (page.length === 0) return events;
+		events.push(...page);
+		after = page[page.length - 1].seq;
 	}
 }
 
