@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NPM_STAMP := tests/node_modules/.installed-stamp
+# Most end-to-end tests wait on processes, sockets and VM boots: three test processes keep
+# two cores busy and the suite under ten minutes.
+TEST_WORKERS ?= 3
 
 .PHONY: run test demo bench typecheck sandbox-deps ops-deps test-systemd clean
 
@@ -43,7 +46,7 @@ run: $(STAMP) sandbox-deps
 test: $(STAMP) sandbox-deps ops-deps $(NPM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/actorvisor demo $(ARGS)

@@ -32,6 +32,10 @@ from bench.conn_setup import measure, pct  # noqa: E402
 from protocol.aio import Client  # noqa: E402
 from tests.support import SupervisorProc, free_port  # noqa: E402
 
+# A capacity benchmark is one client creating actors as fast as it can: the service's
+# per-client creation rate and running-actor cap (the perimeter's defaults) are lifted.
+UNCAPPED = ["--max-running-actors", "100000", "--max-creations-per-minute", "1000000"]
+
 
 async def cold_starts(sup: SupervisorProc, count: int, prefix: str) -> list[float]:
     times = []
@@ -72,7 +76,7 @@ def worker_memory(sup: SupervisorProc) -> tuple[list[float], list[float]]:
 
 
 async def run_spawner(kind: str, actors: int, tmp: Path) -> dict:
-    sup = SupervisorProc(tmp / kind, free_port(), ["--spawner", kind, "--log-level", "warning"], dict(os.environ))
+    sup = SupervisorProc(tmp / kind, free_port(), ["--spawner", kind, "--log-level", "warning", *UNCAPPED], dict(os.environ))
     sup.start()
     try:
         await cold_starts(sup, 3, "warmup")  # the zygote itself starts on the first spawn
@@ -86,7 +90,7 @@ async def run_spawner(kind: str, actors: int, tmp: Path) -> dict:
 
 
 async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float], float]]:
-    sup = SupervisorProc(tmp / "capacity", free_port(), ["--log-level", "warning"], dict(os.environ))
+    sup = SupervisorProc(tmp / "capacity", free_port(), ["--log-level", "warning", *UNCAPPED], dict(os.environ))
     sup.start()
     rows = []
     try:

@@ -39,9 +39,10 @@ from .actors import Actor, ActorManager, ActorState
 from .auth import Auth
 from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
+from .fdlimit import raise_nofile_limit
 from .gateway import Gateway
 from .hub import WorkerHub
-from .limits import AcceptErrorLog, ConnectionLimiter, raise_fd_limit
+from .limits import AcceptErrorLog, ConnectionLimiter
 from .perimeter import Perimeter
 from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
@@ -150,7 +151,7 @@ class Supervisor:
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.hub.start()
-        self.fd_limit = raise_fd_limit()
+        self.fd_limit = raise_nofile_limit()
         self.accept_errors = AcceptErrorLog()
         asyncio.get_running_loop().set_exception_handler(self.accept_errors)
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,

@@ -56,7 +56,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmworker.logs import configure
 
     from .app import Supervisor, VmHostError
-    from .fdlimit import raise_nofile_limit
 
     overrides: dict[str, Any] = {}
     if args.listen:
@@ -84,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["insecure_no_auth"] = True
     if args.metrics_public:
         overrides["metrics_public"] = True
-    for name in ("max_running_actors", "max_connections", "max_connections_per_address",
+    for name in ("max_running_actors", "max_creations_per_minute", "max_connections", "max_connections_per_address",
                  "header_timeout", "idle_timeout"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -97,7 +96,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     faulthandler.enable()
     # Event logs, disk images and everything else under the state dir: the service's alone.
     os.umask(0o077)
-    raise_nofile_limit()
     try:
         supervisor = Supervisor(config)
     except VmHostError as err:
@@ -265,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--metrics-public", action="store_true", help="/metrics without a token")
     run.add_argument("--max-running-actors", type=int,
                      help="running workers at once (default 300); more: actor.overloaded")
+    run.add_argument("--max-creations-per-minute", type=int,
+                     help="new actors each client address may create per minute (default 60)")
     run.add_argument("--max-connections", type=int,
                      help="open TCP connections (default 5000); more: 503 and close")
     run.add_argument("--max-connections-per-address", type=int,

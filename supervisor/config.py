@@ -106,6 +106,7 @@ class Config:
     metrics_public: bool = False       # /metrics without a token when auth is on
     insecure_no_auth: bool = False     # allow a non-loopback listen without any token
     max_running_actors: int = 300      # running workers at once; more: actor.overloaded
+    max_creations_per_minute: int = 60  # new actor keys per client address; more: actor.overloaded
     max_connections: int = 5000        # open TCP connections; more: 503 and close
     max_connections_per_address: int = 1000
     header_timeout: float = 10.0       # a request head must arrive within this

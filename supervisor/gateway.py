@@ -30,6 +30,7 @@ from . import __version__
 from .actors import Actor, ActorManager
 from .config import Config
 from .connections import CLOSE_GOING_AWAY, Connection, error_frame
+from .limits import CreationRate
 
 log = structlog.get_logger("supervisor.gateway")
 
@@ -100,6 +101,7 @@ class Gateway:
         self.max_message_size = config.max_message_size
         self.connections: set[Connection] = set()
         self.connections_total = 0
+        self.creations = CreationRate(config.max_creations_per_minute)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -115,7 +117,7 @@ class Gateway:
 
     # ---- resolution ----------------------------------------------------------------
 
-    def resolve(self, target: str, query: Mapping[str, str]) -> Actor:
+    def resolve(self, target: str, query: Mapping[str, str], client: str = "") -> Actor:
         """`/gateway/{name}?rvt-method=...&rvt-key=...` or `/gateway/{actorId}`."""
         method = query.get("rvt-method")
         if method is None:
@@ -124,8 +126,9 @@ class Gateway:
             raise ActorvisorError(ErrorCode.INVALID_ARGS,
                                   f"rvt-method must be get or getOrCreate, not {method[:32]!r}")
         key = query.get("rvt-key", "")
-        if not self.manager.exists(target, key):
+        if not self.manager.exists(target, key) and method == "getOrCreate":
             self.admit()
+            self.admit_creation(client)
         actor = self.manager.get_or_create(target, key, create=method == "getOrCreate")
         if not actor.running:
             self.admit()
@@ -138,6 +141,15 @@ class Gateway:
             raise ActorvisorError(ErrorCode.OVERLOADED,
                                   f"{running} actors are running, the most this service "
                                   "runs at once; retry later")
+
+    def admit_creation(self, client: str) -> None:
+        """Refuse a client's new actor past `max_creations_per_minute` (retryable)."""
+        wait = self.creations.take(client)
+        if wait > 0:
+            raise ActorvisorError(ErrorCode.OVERLOADED,
+                                  f"this client created {self.creations.per_minute} actors in the "
+                                  f"last minute, the most it may; retry in {wait:.0f} s",
+                                  metadata={"retryAfterS": round(wait, 1)})
 
     # ---- plain routes --------------------------------------------------------------
 
@@ -170,7 +182,7 @@ class Gateway:
                 await ws.prepare(request)
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=CLOSE_GOING_AWAY.encode())
                 return ws
-            actor = self.resolve(request.match_info["target"], request.query)
+            actor = self.resolve(request.match_info["target"], request.query, request.remote or "")
         except ActorvisorError as err:
             # A WebSocket client sees an HTTP error only as "connection failed" (1006);
             # a close reason `group.code` reaches the RivetKit client as an ActorError.
@@ -239,7 +251,7 @@ class Gateway:
             if request.content_length is not None and request.content_length > self.max_message_size:
                 raise ProtocolError(f"request body exceeds {self.max_message_size} bytes",
                                     ErrorCode.MESSAGE_TOO_LARGE)
-            actor = self.resolve(request.match_info["target"], request.query)
+            actor = self.resolve(request.match_info["target"], request.query, request.remote or "")
             body = await self._read_body(request)
             args = cp.decode_http_action_request(body, encoding, self.max_message_size)
             output = await self.manager.call(actor, request.match_info["action"], args)
@@ -287,6 +299,8 @@ class Gateway:
         try:
             name, key = self._name_key(await self._json_body(request))
             existed = self.manager.exists(name, key)
+            if not existed:
+                self.admit_creation(request.remote or "")
             actor = self.manager.get_or_create(name, key)
         except ActorvisorError as err:
             return self._http_error(err, Encoding.JSON)
@@ -298,6 +312,7 @@ class Gateway:
             if self.manager.exists(name, key):
                 raise ActorvisorError(ErrorCode.INVALID_ARGS,
                                       f"a {name} actor with key {key[:64]!r} already exists")
+            self.admit_creation(request.remote or "")
             actor = self.manager.get_or_create(name, key)
         except ActorvisorError as err:
             return self._http_error(err, Encoding.JSON)

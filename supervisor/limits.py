@@ -1,5 +1,5 @@
-"""Limits that hold under abuse: connection caps, the header-read timeout, the fd limit,
-and accept errors logged once per interval.
+"""Limits that hold under abuse: connection caps, the header-read timeout, actor creations
+per client, and accept errors logged once per interval (the fd limit: supervisor.fdlimit).
 
 `ConnectionLimiter` wraps the aiohttp server's connection bookkeeping: a connection over
 the total or per-address cap is answered `503` with `Retry-After` and closed before any
@@ -10,8 +10,8 @@ request is parsed; a connection that has not sent a whole request head within
 from __future__ import annotations
 
 import asyncio
-import resource
 import time
+from collections import deque
 from typing import Any
 
 import structlog
@@ -22,18 +22,6 @@ log = structlog.get_logger("supervisor.limits")
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
            b"Content-Type: application/json\r\nContent-Length: 72\r\n\r\n"
            b'{"group":"actor","code":"overloaded","message":"too many connections"} \n')
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard one; the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 class ConnectionLimiter:
@@ -89,6 +77,35 @@ class ConnectionLimiter:
                 and handler._request_count == 0 and not transport.is_closing():
             self.timed_out += 1
             transport.close()
+
+
+class CreationRate:
+    """Actor creations per client address in a sliding minute: each address may create
+    `per_minute` new actors, then is refused until its oldest creation is a minute old.
+
+    Memory is bounded: at most `max_addresses` addresses are tracked, the least recently
+    seen forgotten first (a forgotten address starts afresh, which only errs on allowing)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int, max_addresses: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.max_addresses = max_addresses
+        self._seen: dict[str, deque[float]] = {}
+
+    def take(self, address: str, now: float | None = None) -> float:
+        """Count one creation for `address`; 0.0 if allowed, else seconds until it would be."""
+        now = time.monotonic() if now is None else now
+        times = self._seen.pop(address, None) or deque()
+        while times and now - times[0] >= self.WINDOW_S:
+            times.popleft()
+        self._seen[address] = times  # most recently seen last
+        if len(times) >= self.per_minute:
+            return self.WINDOW_S - (now - times[0])
+        times.append(now)
+        while len(self._seen) > self.max_addresses:
+            del self._seen[next(iter(self._seen))]
+        return 0.0
 
 
 class AcceptErrorLog:

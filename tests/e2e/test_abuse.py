@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import aiohttp
 
@@ -112,3 +113,32 @@ def test_actor_creations_past_the_cap_are_overloaded(make_supervisor) -> None:
     over = [r for r in results if r[0] == 503]
     assert len(ok) == 4 and len(over) == 3, results
     assert all(body["group"] == "actor" and body["code"] == "overloaded" for _, body in over)
+
+
+async def _register(url: str, count: int, prefix: str) -> list[tuple[int, dict]]:
+    """Actor creations through the manager API (a key recorded, no worker started)."""
+    async with aiohttp.ClientSession() as s:
+        async def one(i: int) -> tuple[int, dict]:
+            async with s.put(f"{url}/actors", json={"name": "vm", "key": f"{prefix}-{i}"}) as r:
+                return r.status, await r.json()
+        return [await one(i) for i in range(count)]
+
+
+def test_actor_creations_per_client_per_minute(make_supervisor) -> None:
+    sup = make_supervisor("--max-creations-per-minute", "300")
+    results = asyncio.run(_register(sup.url, 400, "rate"))
+    ok = [body for status, body in results if status == 200]
+    over = [body for status, body in results if status == 503]
+    assert len(ok) == 300 and len(over) == 100, collections.Counter(s for s, _ in results)
+    assert all(body["code"] == "overloaded" and "retry in" in body["message"] for body in over)
+    # Existing actors are not creations: reaching them again is never refused.
+    again = asyncio.run(_register(sup.url, 5, "rate"))
+    assert [status for status, _ in again] == [200] * 5
+    # A gateway getOrCreate of a new key counts too, and is refused before any worker starts.
+    def workers() -> list[object]:
+        with urllib.request.urlopen(f"{sup.url}/admin/workers") as resp:
+            return [(a.get("key"), a.get("pid")) for a in json.load(resp)["actors"]]
+    before = workers()
+    results = asyncio.run(_creations(sup.url, 1))
+    assert results[0][0] == 503 and results[0][1]["code"] == "overloaded"
+    assert workers() == before

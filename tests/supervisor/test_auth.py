@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from supervisor.auth import Auth, Role, hash_token, new_token
+from supervisor.limits import CreationRate
 from supervisor.perimeter import is_loopback
 
 
@@ -58,3 +59,13 @@ def test_bad_config_is_refused() -> None:
 def test_loopback() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("")
+
+
+def test_creation_rate_is_a_sliding_minute_per_address_with_bounded_memory() -> None:
+    rate = CreationRate(per_minute=3, max_addresses=2)
+    assert [rate.take("a", now=t) for t in (0.0, 1.0, 2.0)] == [0.0, 0.0, 0.0]
+    assert rate.take("a", now=30.0) == 30.0        # the oldest is 30 s old: 30 s to go
+    assert rate.take("b", now=30.0) == 0.0          # another address has its own minute
+    assert rate.take("a", now=60.0) == 0.0          # the first creation left the window
+    rate.take("c", now=61.0)
+    assert len(rate._seen) == 2 and "b" not in rate._seen  # least recently seen forgotten
