@@ -117,7 +117,7 @@ class Supervisor:
         self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
         self.perimeter = Perimeter(config, Auth.from_config(config.auth_token, config.tokens,
-                                                            config.auth_hook), lambda: self.port)
+                                                            config.auth_hook))
         self.app = web.Application(client_max_size=config.max_message_size + 1024,
                                    middlewares=[self.perimeter.middleware])
         self.app.add_routes(self.gateway.routes())

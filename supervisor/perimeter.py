@@ -70,19 +70,27 @@ def _params(request: web.Request) -> Any:
         return None
 
 
+def host_name(host: str) -> str:
+    """`Host` without its port: `example.com:80` → `example.com`, `[::1]:80` → `[::1]`."""
+    if host.startswith("["):
+        return host[:host.find("]") + 1].lower() if "]" in host else host.lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
 class Perimeter:
-    def __init__(self, config: Config, auth: Auth, port: Callable[[], int]) -> None:
+    def __init__(self, config: Config, auth: Auth) -> None:
         self.config = config
         self.auth = auth
-        self._port = port
         self.refused: dict[str, int] = {}
 
     def allowed_hosts(self) -> set[str]:
-        port = self._port()
+        """Names a request's `Host` may carry. The port is not compared: DNS rebinding
+        is a foreign *name* resolving here, and a port-forward or local proxy in front
+        of the service (another port, the same loopback name) is still this service."""
         names = {self.config.host, "localhost", "127.0.0.1", "[::1]", *self.config.allowed_hosts}
         if self.config.host in ("0.0.0.0", "::"):
             names.discard(self.config.host)
-        return names | {f"{n}:{port}" for n in names}
+        return {n.lower() for n in names}
 
     def _refuse(self, request: web.Request, code: ErrorCode, message: str,
                 status: int) -> web.StreamResponse:
@@ -110,7 +118,7 @@ class Perimeter:
         is_ws = path.startswith("/gateway/") and path.endswith("/connect")
         is_action = path.startswith("/gateway/") and "/action/" in path
         host = request.headers.get("Host", "")
-        if host not in self.allowed_hosts():
+        if host_name(host) not in self.allowed_hosts():
             return self._refuse(request, ErrorCode.FORBIDDEN,
                                 f"Host {host[:64]!r} is not this service's name; add it to "
                                 "allowed_hosts", 421)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from supervisor.auth import Auth, Role, hash_token, new_token
 from supervisor.limits import CreationRate
-from supervisor.perimeter import is_loopback
+from supervisor.perimeter import host_name, is_loopback
 
 
 def test_hash_and_plain_tokens_are_both_accepted() -> None:
@@ -69,3 +69,11 @@ def test_creation_rate_is_a_sliding_minute_per_address_with_bounded_memory() -> 
     assert rate.take("a", now=60.0) == 0.0          # the first creation left the window
     rate.take("c", now=61.0)
     assert len(rate._seen) == 2 and "b" not in rate._seen  # least recently seen forgotten
+
+
+def test_host_names_are_compared_without_their_port() -> None:
+    assert host_name("127.0.0.1:6420") == "127.0.0.1"
+    assert host_name("LOCALHOST:1") == "localhost"
+    assert host_name("[::1]:6420") == "[::1]" and host_name("[::1]") == "[::1]"
+    assert host_name("attacker.example:6420") == "attacker.example"  # a rebinding name stays foreign
+    assert host_name("::1") == "::1"  # not a name:port pair; compared whole
