@@ -184,12 +184,16 @@ class SupervisorProc:
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
-    """Poll `check` (sync, or returning an awaitable) until it gives a truthy value."""
+    """Poll `check` (sync, or returning an awaitable) until it gives a truthy value; a
+    process that vanishes under a psutil walk only means "not yet"."""
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
+        try:
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
+        except psutil.NoSuchProcess:  # a process left while the check walked the tree: not yet
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

@@ -208,10 +208,10 @@ async def test_top_once_json_agrees_with_psutil(supervisor):
             assert 0 < figures["ussBytes"] <= figures["rssBytes"]
             assert figures["openFiles"] > 0 and figures["cpuPercent"] >= 0
             assert actor["eventsPerSec"] is not None and actor["flags"] == []
-        # An idle VM is its bwrap and its init; the busy one also runs the command's shell
-        # and its sleep.
-        assert by_key["top-idle"]["process"]["vmProcesses"] == 2
-        assert by_key["top-busy"]["process"]["vmProcesses"] >= 4
+        # An idle VM is its bwrap, its init and its egress bridge (docs/network.md); the busy
+        # one also runs the command's shell and its sleep.
+        assert by_key["top-idle"]["process"]["vmProcesses"] == 3
+        assert by_key["top-busy"]["process"]["vmProcesses"] >= 5
 
         table = await run_top(supervisor.url, "--once", "--sort", "vm", "--interval", "0.2")
         rows = [line for line in table.splitlines() if "top-" in line]
