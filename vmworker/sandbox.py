@@ -49,11 +49,11 @@ from .vmfs import PERSISTENT_DIRS, WORKSPACE
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The VM's way out: the worker's egress proxy (egress.py) through the in-VM bridge
-# (netbridge.py) on this loopback port; one port serves HTTP, CONNECT and SOCKS5.
+# (vminit/netbridge.c) on this loopback port; one port serves HTTP, CONNECT and SOCKS5.
 PROXY_PORT: Final = 3128
 EGRESS_DIR: Final = "/run/egress"            # the worker's proxy socket, bound in
 EGRESS_SOCKET: Final = f"{EGRESS_DIR}/egress.sock"
-BRIDGE_PATH: Final = "/run/netbridge.py"
+BRIDGE_PATH: Final = "/run/netbridge"
 _PROXY_URL: Final = f"http://127.0.0.1:{PROXY_PORT}"
 PROXY_ENV: Final = {
     key: value
@@ -102,6 +102,7 @@ class MachineSpec:
     gid: int | None
     shm_mb: int
     egress_dir: Path | None = None   # holds the worker's proxy socket; None: no way out
+    bridge_binary: Path | None = None  # vminit/netbridge.c built; needed with egress_dir
 
 
 class VmGone(ActorvisorError):
@@ -150,7 +151,7 @@ def bwrap_argv(spec: MachineSpec, fds: Mapping[str, int]) -> list[str]:
         argv += ["--bind-fd", str(fds[f"dir/{name}"]), f"/{name}"]
     if "dir/egress" in fds:
         argv += ["--bind-fd", str(fds["dir/egress"]), EGRESS_DIR,
-                 "--perms", "0444", "--ro-bind-data", str(fds["bridge"]), BRIDGE_PATH]
+                 "--perms", "0555", "--ro-bind-data", str(fds["bridge"]), BRIDGE_PATH]
     argv += [
         "--proc", "/proc",
         "--dev", "/dev",
@@ -285,10 +286,10 @@ class Machine:
         for name in PERSISTENT_DIRS:
             fds[f"dir/{name}"] = os.open(spec.root / name, os.O_PATH | os.O_DIRECTORY
                                          | os.O_NOFOLLOW | os.O_CLOEXEC)
-        if spec.egress_dir is not None:
+        if spec.egress_dir is not None and spec.bridge_binary is not None:
             fds["dir/egress"] = os.open(spec.egress_dir, os.O_PATH | os.O_DIRECTORY
                                         | os.O_NOFOLLOW | os.O_CLOEXEC)
-            fds["bridge"] = os.open(Path(__file__).with_name("netbridge.py"), os.O_RDONLY | os.O_CLOEXEC)
+            fds["bridge"] = os.open(spec.bridge_binary, os.O_RDONLY | os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
         try:
             bwrap = await asyncio.create_subprocess_exec(

@@ -75,6 +75,7 @@ class VmSettings:
     uid_count: int = 1 << 20
     cgroup_root: str | None = None   # CgroupRoot.to_arg(), None: no cgroups on this host
     init_binary: str = ""
+    bridge_binary: str = ""
     unsafe_no_limits: bool = False
     # What clients may start in it (vmworker.processes.ProcessLimits).
     max_processes: int = 64
@@ -107,6 +108,7 @@ class VmSettings:
         if shutil.which("bwrap") is None:
             raise RuntimeError("bubblewrap (bwrap) is not installed; run `make sandbox-deps`")
         init = vminit.ensure_built(state_dir / "bin")
+        bridge = vminit.ensure_built(state_dir / "bin", vminit.BRIDGE_SOURCE)
         root, why = CgroupRoot.discover(state_dir)
         missing = []
         if root is None:
@@ -116,7 +118,8 @@ class VmSettings:
         if os.geteuid() != 0:
             missing.append("a disk of bounded size and a host uid of each VM's own: the service "
                            "is not running as root")
-        done = replace(self, cgroup_root=root.to_arg() if root else None, init_binary=str(init))
+        done = replace(self, cgroup_root=root.to_arg() if root else None, init_binary=str(init),
+                       bridge_binary=str(bridge))
         return done, missing
 
 
@@ -221,7 +224,8 @@ class Vm:
         os.chmod(egress_dir / "egress.sock", 0o666)
         spec = MachineSpec(self.root, Path(s.init_binary),
                            ident.uid if ident.dedicated else None,
-                           ident.gid if ident.dedicated else None, s.shm_mb, egress_dir)
+                           ident.gid if ident.dedicated else None, s.shm_mb, egress_dir,
+                           Path(s.bridge_binary) if s.bridge_binary else None)
         self.machine = await Machine.start(spec, self._before_init_runs)
         self.machine.gone.add_done_callback(self._machine_gone)
         probe = await self.machine.run(["true"], timeout_s=30.0)
@@ -237,7 +241,7 @@ class Vm:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            await self.machine.spawn(["python3", BRIDGE_PATH, str(PROXY_PORT), EGRESS_SOCKET],
+            await self.machine.spawn([BRIDGE_PATH, str(PROXY_PORT), EGRESS_SOCKET],
                                      env={"PATH": "/usr/bin:/bin"}, cwd="/",
                                      stdio=(devnull, out_w, devnull))
         finally:

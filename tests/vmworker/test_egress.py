@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from vmworker import netbridge
+from vmworker import vminit
 from vmworker.egress import EgressProxy, Reporter, Verdict
 from vmworker.netpolicy import Policy
 
@@ -65,7 +64,8 @@ async def net(tmp_path: Path) -> AsyncIterator[Net]:
     sock = str(tmp_path / "egress.sock")
     await proxy.start_unix(sock)
     bridge = await asyncio.create_subprocess_exec(
-        sys.executable, netbridge.__file__, str(n.proxy_port), sock, stdout=asyncio.subprocess.PIPE)
+        str(vminit.ensure_built(tmp_path / "bin", vminit.BRIDGE_SOURCE)), str(n.proxy_port), sock,
+        stdout=asyncio.subprocess.PIPE)
     assert bridge.stdout is not None
     assert await bridge.stdout.readline() == b"ready\n"
     try:
