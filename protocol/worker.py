@@ -35,10 +35,15 @@ class ExitCode(IntEnum):
                            # vmShutdown{reason: "error"} is logged
     VM_LOST = 4            # the VM's init died under the worker; vmShutdown{reason: "error"}
                            # is logged and the next action starts a new worker and VM
+    ACTOR_BUSY = 5         # another worker of this actor still held its lock: this one
+                           # wrote nothing (vmworker/actorlock.py)
 
 
 GOODBYE_LOGGED: Final = frozenset({ExitCode.OK, ExitCode.SUPERVISOR_LOST, ExitCode.VM_LOST})
 """Exit codes after which the worker's own vmShutdown is already in the log."""
+
+NOTHING_TO_RECORD: Final = GOODBYE_LOGGED | {ExitCode.ACTOR_BUSY}
+"""Exit codes after which the supervisor appends no vmShutdown on the worker's behalf."""
 
 
 @dataclass(frozen=True, slots=True)

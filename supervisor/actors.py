@@ -37,7 +37,7 @@ import structlog
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
-from vmworker import vmroot
+from vmworker import actorlock, vmroot
 from vmworker.eventlog import EventLog, EventRecord, now_ms
 
 from . import metrics
@@ -51,15 +51,17 @@ MAX_KEY_BYTES = 512
 
 
 def append_event(db_path: Path, name: str, payload: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
-    """Append one event to an actor's log on behalf of a worker that is gone (blocking)."""
-    event_log = EventLog.open(db_path)
-    try:
-        seq = event_log.last_seq + 1
-        full = {**payload, "seq": seq}
-        event_log.write_batch([EventRecord(seq, name, None, full, now_ms())], [])
-        return event_log.epoch, seq, full
-    finally:
-        event_log.close()
+    """Append one event to an actor's log on behalf of a worker that is gone (blocking),
+    holding the actor's lock: never beside a living writer."""
+    with actorlock.held(db_path.parent):
+        event_log = EventLog.open(db_path)
+        try:
+            seq = event_log.last_seq + 1
+            full = {**payload, "seq": seq}
+            event_log.write_batch([EventRecord(seq, name, None, full, now_ms())], [])
+            return event_log.epoch, seq, full
+        finally:
+            event_log.close()
 
 
 class ActorState(StrEnum):
@@ -356,8 +358,8 @@ class ActorManager:
             actor.transition(ActorState.FAILED, status=status, restarts=len(actor.restarts))
         else:
             actor.transition(ActorState.CRASHED, status=status, reason=reason.value)
-        if status in wire.GOODBYE_LOGGED:
-            return  # it exited on its own terms and logged its vmShutdown itself
+        if status in wire.NOTHING_TO_RECORD:
+            return  # it logged its vmShutdown itself, or never opened the log
         actor.quiet.clear()
         try:
             await self._record_shutdown(actor, reason)

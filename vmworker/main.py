@@ -32,7 +32,7 @@ from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
 from protocol.names import EventName, ShutdownReason, WorkerPhase
 from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
 
-from . import credentials, logs, vmroot
+from . import actorlock, credentials, logs, vmroot
 from .actions import Actions
 from .agents.base import PermissionPolicy
 from .eventlog import EventLog, EventReader
@@ -64,6 +64,7 @@ class Config:
     log_level: str
     vm: VmSettings
     permission_policy: PermissionPolicy = PermissionPolicy.ASK
+    lock_timeout_s: float = actorlock.WAIT_S
 
     @property
     def actor_dir(self) -> Path:
@@ -81,6 +82,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--lock-timeout", type=float, default=actorlock.WAIT_S, metavar="SECONDS",
+                        help="how long to wait for a previous worker of this actor to end")
     parser.add_argument("--supervisor-timeout", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--log-level", default="info", choices=logs.LEVELS)
     parser.add_argument("--vm-settings", type=VmSettings.from_arg, default=VmSettings(),
@@ -98,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             parser.error(f"{flag} must be positive")
     return Config(ns.actor_id, ns.actor_name, ns.actor_key, ns.endpoint, ns.state_dir,
                   ns.boot_delay, ns.generation, ns.heartbeat_interval, ns.supervisor_timeout,
-                  ns.log_level, ns.vm_settings, ns.permission_policy)
+                  ns.log_level, ns.vm_settings, ns.permission_policy, ns.lock_timeout)
 
 
 def die_with_parent() -> None:
@@ -128,6 +131,12 @@ class Worker:
     async def run(self) -> int:
         cfg = self.config
         cfg.actor_dir.mkdir(parents=True, exist_ok=True)
+        # One worker per actor, ever: wait out a previous one (e.g. orphaned by a supervisor
+        # restart, still draining) before touching its log; the lock lives as long as we do.
+        self._lock_fd = await asyncio.to_thread(actorlock.acquire, cfg.actor_dir, cfg.lock_timeout_s)
+        if self._lock_fd is None:
+            self.log.error("actor_locked_by_another_worker", waited_s=cfg.lock_timeout_s)
+            return int(ExitCode.ACTOR_BUSY)
         writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         reader_pool = ThreadPoolExecutor(1, thread_name_prefix="eventlog-reader")
         event_log = EventLog.open(cfg.actor_dir / "events.db")

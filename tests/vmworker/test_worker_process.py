@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,8 +13,9 @@ import time
 import cbor2
 
 from protocol.errors import ErrorCode
-from protocol.worker import Action, Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
+from protocol.worker import Action, ExitCode, Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
 from tests.support import LONG_SLEEP, leftover_sleeps
+from vmworker import actorlock
 
 from .harness import WorkerHarness, descendants
 from .test_sessions import ours
@@ -230,3 +232,26 @@ async def test_kill_9_mid_flood_loses_nothing_that_was_sent_and_reuses_no_seq(
     hello = harness.received[0]
     assert isinstance(hello, Hello) and hello.last_seq == last >= seqs[-1]
     assert (await harness.wait_event("vmBooted")).seq == last + 1
+
+
+async def test_one_worker_per_actor_a_second_waits_for_the_lock_and_writes_nothing(
+        harness: WorkerHarness) -> None:
+    harness.actor_dir.mkdir(parents=True, exist_ok=True)
+    # A living worker of this actor, as a restarted supervisor's orphan would be: its lock.
+    holder = actorlock.acquire(harness.actor_dir, timeout_s=0)
+    assert holder is not None
+    starting = asyncio.create_task(harness.start("--lock-timeout", "1.5"))
+    while harness.proc is None:
+        await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(harness.proc.wait(), 60) == ExitCode.ACTOR_BUSY
+    assert not starting.done(), "no hello from a worker that never took the lock"
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    assert not (harness.actor_dir / "events.db").exists(), "it opened the log beside a living writer"
+    assert harness.received == []
+
+    os.close(holder)  # the other worker is gone: the next one runs and holds the lock itself
+    await harness.start()
+    assert actorlock.acquire(harness.actor_dir, timeout_s=0.2) is None
+    assert (await harness.call("getRuntimeHealth"))["pid"] == harness.proc.pid
