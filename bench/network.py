@@ -23,7 +23,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import free_port, vm_settings  # noqa: E402
+from tests.support import serve_http, vm_settings  # noqa: E402
 from vmworker import vmroot  # noqa: E402
 from vmworker.netpolicy import Policy  # noqa: E402
 from vmworker.vm import Vm  # noqa: E402
@@ -34,12 +34,7 @@ async def main(mb: int, runs: int) -> None:
 
     async def blob(_: web.Request) -> web.Response:
         return web.Response(body=body)
-    app = web.Application()
-    app.router.add_get("/blob", blob)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_http(blob, "/blob")
     tmp = Path(tempfile.mkdtemp(prefix="bench-net-"))
     state = tmp / "state"
     actor_dir = state / "actors" / "bench"

@@ -73,6 +73,19 @@ def file_contains(path: Path, needle: bytes, chunk: int = 1 << 20) -> bool:
     return False
 
 
+async def serve_http(handler: Any, path: str = "/{tail:.*}") -> tuple[Any, int]:
+    """An aiohttp server on 127.0.0.1 answering GET `path`: (its runner, to clean up; its port)."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

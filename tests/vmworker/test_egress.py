@@ -19,17 +19,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.support import free_port, serve_http
 from vmworker import vminit
 from vmworker.egress import EgressProxy, Reporter, Verdict
 from vmworker.netpolicy import Policy
 
 pytestmark = pytest.mark.asyncio
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Net:
@@ -45,19 +40,14 @@ class Net:
 async def net(tmp_path: Path) -> AsyncIterator[Net]:
     async def page(r: web.Request) -> web.Response:
         return web.Response(text=f"upstream {r.path} host={r.host}")
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    upstream_port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
+    runner, upstream_port = await serve_http(page)
 
     async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(await r.read(100))
         await w.drain()
         w.close()
     echo_server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    n = Net(upstream_port, echo_server.sockets[0].getsockname()[1], _free_port())
+    n = Net(upstream_port, echo_server.sockets[0].getsockname()[1], free_port())
     proxy = EgressProxy(lambda: n.policy, Reporter(n.reports.append),
                         hosts={"upstream.test": "127.0.0.1", "metadata.test": "169.254.169.254",
                                "other.test": "127.0.0.1"})

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from protocol.errors import ActorvisorError
-from tests.support import free_port, vm_settings
+from tests.support import serve_http, vm_settings
 from vmworker.netpolicy import Policy
 from vmworker.vm import Vm
 from vmworker.vmfs import normalize
@@ -29,12 +29,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containment needs the
 async def upstream() -> AsyncIterator[int]:
     async def page(r: web.Request) -> web.Response:
         return web.Response(text="hello from upstream")
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_http(page)
     try:
         yield port
     finally:
