@@ -61,6 +61,12 @@ class ActionName(StrEnum):
     MOVE = "move"
     DELETE = "delete"
     EXEC_ARGV = "execArgv"
+    # Cron (supervisor/cron.py): the first three are answered by the supervisor, which
+    # hands a due job to the worker as `runCronJob`; clients may not call that one.
+    SCHEDULE_CRON = "scheduleCron"
+    LIST_CRON_JOBS = "listCronJobs"
+    CANCEL_CRON_JOB = "cancelCronJob"
+    RUN_CRON_JOB = "runCronJob"
 
 
 class EventName(StrEnum):
@@ -77,6 +83,7 @@ class EventName(StrEnum):
     OUTPUT_COMPACTED = "processOutputCompacted"
     NETWORK_REQUEST = "networkRequest"
     SESSION_DESTROYED = "sessionDestroyed"
+    CRON_EVENT = "cronEvent"
 
 
 class AgentType(StrEnum):

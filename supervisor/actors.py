@@ -42,6 +42,7 @@ from vmworker.eventlog import EventLog, EventRecord, now_ms
 
 from . import metrics
 from .config import Config
+from .cron import SUPERVISOR_ACTIONS, CronScheduler
 from .relay import ActorRelay
 from .spawner import Spawner, WorkerProcess, WorkerSpec
 
@@ -174,6 +175,8 @@ class ActorManager:
         self.actions_total = 0
         # Every VM's limits and identity range, completed for this host (VmSettings.to_arg).
         self.vm_settings = ""
+        # Cron jobs of every actor; started by the supervisor (`cron.start()`).
+        self.cron = CronScheduler(self, config.cron_min_interval, config.action_timeout)
 
     # ---- registry ------------------------------------------------------------------
 
@@ -231,17 +234,26 @@ class ActorManager:
 
     # ---- actions -------------------------------------------------------------------
 
-    def submit(self, actor: Actor, name: str, args: list[Any]) -> asyncio.Future[Any]:
+    def submit(self, actor: Actor, name: str, args: list[Any], *,
+               internal: bool = False) -> asyncio.Future[Any]:
         """Hand an action to the actor's worker now, or queue it until its `hello`.
 
         Synchronous on purpose: the caller's message order is the order actions reach
-        the worker. Returns a future for the reply.
+        the worker. Returns a future for the reply. Cron actions are answered here, by
+        the scheduler; `runCronJob` is the scheduler's own (`internal`), never a client's.
         """
         try:
             ActionName(name)
+            if name == ActionName.RUN_CRON_JOB and not internal:
+                raise ValueError(name)
         except ValueError:
             raise ActorvisorError(ErrorCode.UNKNOWN_ACTION,
                                   f"the {actor.name} actor has no action {name[:64]!r}") from None
+        if name in SUPERVISOR_ACTIONS:
+            answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            answer.set_result(self.cron.handle(actor, name, args))
+            self.actions_total += 1
+            return answer
         if actor.state is ActorState.FAILED:
             raise ActorvisorError(ErrorCode.FAILED,
                                   f"actor {actor.id} crashed more than {self._config.restart_intensity} "
@@ -507,6 +519,7 @@ class ActorManager:
         for conn in list(actor.connections):
             conn.close_soon(1000, "actor.not_found")
         self._actors.pop(actor.id, None)
+        self.cron.forget(actor.id)
         await asyncio.to_thread(shutil.rmtree, actor.dir, True)
         await asyncio.to_thread(vmroot.release_identity, self._config.state_dir, actor.id)
         log.info("actor_destroyed", actor=actor.id, key=actor.key)

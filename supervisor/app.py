@@ -178,6 +178,7 @@ class Supervisor:
         metrics.REGISTRY.register(self._collector)
         self._last_tick = time.monotonic()
         self._ticker = asyncio.create_task(self._tick(), name="supervisor-tick")
+        self.manager.cron.start()
         self._ticker.add_done_callback(self._ticker_done)
         log.info("supervisor_listening", listen=f"{self.config.host}:{self.port}",
                  socket_activated=self.socket_activated,

@@ -87,6 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "header_timeout", "idle_timeout"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.cron_min_interval is not None:
+        overrides["cron_min_interval"] = args.cron_min_interval
     config = Config.from_env(config_file=Path(args.config) if args.config else None, **overrides)
     if refusal := exposure_refusal(config):
         print(f"actorvisor: {refusal}", file=sys.stderr)
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--spawner", choices=["zygote", "subprocess"],
                      help="how workers are started (default zygote: forked from a warm process)")
     run.add_argument("--sleep-after", type=float, help="seconds an idle actor stays up (default 300)")
+    run.add_argument("--cron-min-interval", type=float,
+                     help="seconds: scheduleCron refuses a schedule that may fire more often (default 1)")
     run.add_argument("--stop-timeout", type=float, help="graceful drain budget on SIGTERM (default 10)")
     run.add_argument("--hang-timeout", type=float, help="a silent worker is hung after this, and a worker gives up on a silent supervisor after it too (default 10)")
     run.add_argument("--worker-memory-mb", type=int, help="address-space limit per worker")

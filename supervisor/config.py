@@ -114,6 +114,8 @@ class Config:
     # agentOS parity (docs/agentos-parity.md): sessions that set no permissionPolicy ask
     # before each tool call (fail closed) unless this says "allow_all".
     permission_policy: str = "ask"
+    # Cron (supervisor/cron.py): a schedule that may fire more often than this is refused.
+    cron_min_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if self.permission_policy not in ("ask", "allow_all"):

@@ -22,6 +22,7 @@ from typing import Any, Final
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ActionName, AgentType, EventName
 
+from . import cron
 from .agents import PROFILES
 from .agents.base import PermissionReply
 from .eventlog import EventReader, Page
@@ -193,6 +194,8 @@ class Actions:
             ActionName.MOVE: spec(self._move, ("from", "to"), True),
             ActionName.DELETE: spec(self._delete_file, ("path", "options"), True),
             ActionName.EXEC_ARGV: spec(self._exec_argv, ("file", "args", "options"), True),
+            # sent by the supervisor's cron scheduler only (supervisor/cron.py)
+            ActionName.RUN_CRON_JOB: spec(self._run_cron_job, ("job", "firedAt"), True),
         }
 
     async def dispatch(self, name: str, args: list[Any]) -> Any:
@@ -204,6 +207,10 @@ class Actions:
         if spec.needs_vm:
             await self._vm.wait_ready()
         return await spec.handler(checked)
+
+    async def _run_cron_job(self, a: Args) -> Any:
+        return await cron.run_job(a.get(0), a.get(1), vm=self._vm, sessions=self._sessions,
+                                  outbox=self._outbox)
 
     # sessions
 

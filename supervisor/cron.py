@@ -1,0 +1,467 @@
+"""Cron jobs (agentOS's `scheduleCron`, `listCronJobs`, `cancelCronJob`), owned by the supervisor.
+
+A job must fire while its actor sleeps, so the schedule cannot live in the worker: this
+module keeps every actor's jobs in one heap of next fire times, served by one asyncio task
+(not one task per job). A job that is due is handed to the actor's worker as the internal
+action `runCronJob` through the normal action path (`ActorManager.submit`), which wakes a
+sleeping actor exactly as a client's action would; the worker runs it and logs its
+`cronEvent`s, so they are durable, sequenced and broadcast like every other event. While a
+run is in flight the actor counts as busy; afterwards it goes back to sleep as usual.
+
+Jobs are kept in the actor's dir (`cron.json`, replaced whole by rename, never half
+written) and loaded from every actor dir when the service starts. The rule for runs missed
+while the service was down (docs/agentos-parity.md, "Cron"): a job whose schedule passed at
+least once since its last run (or, never run, since it was scheduled) runs once at start,
+then resumes its schedule; missed runs are never replayed one by one.
+
+Schedules are what agentOS (croner) accepts: a cron expression of 5 fields, or 6 with
+seconds first, or a nickname such as `@hourly`, parsed by croniter; or an ISO 8601
+timestamp, a job that runs once. `overlap` is agentOS's: `allow` (default) starts a run
+even while the previous one runs, `skip` drops a fire that finds a run in flight, `queue`
+keeps at most one such fire and runs it when the current run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import json
+import math
+import shlex
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+from croniter import CroniterError, croniter
+
+from protocol.errors import ActorvisorError, ErrorCode
+from protocol.names import ActionName, AgentType
+from vmworker.actions import MAX_ARGS, MAX_COMMAND_BYTES
+from vmworker.sessions import MAX_PROMPT_CHARS, parse_options
+
+if TYPE_CHECKING:
+    from .actors import Actor, ActorManager
+
+log = structlog.get_logger("supervisor.cron")
+
+CRON_FILE: Final = "cron.json"
+MAX_JOBS_PER_ACTOR: Final = 64
+MAX_ID_CHARS: Final = 128
+MAX_SCHEDULE_CHARS: Final = 256
+
+SUPERVISOR_ACTIONS: Final = frozenset({ActionName.SCHEDULE_CRON, ActionName.LIST_CRON_JOBS,
+                                       ActionName.CANCEL_CRON_JOB})
+
+
+class Overlap(StrEnum):
+    ALLOW = "allow"
+    SKIP = "skip"
+    QUEUE = "queue"
+
+
+def _invalid(message: str) -> ActorvisorError:
+    return ActorvisorError(ErrorCode.INVALID_ARGS, message)
+
+
+def _type(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# ---- schedules -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A parsed schedule: a cron expression, or one instant (`once`, epoch seconds)."""
+
+    text: str
+    once: float | None = None
+
+    @property
+    def seconds_first(self) -> bool:
+        return self.once is None and len(self.text.split()) == 6
+
+    def next_after(self, t: float) -> float | None:
+        """The first fire time strictly after `t` (epoch seconds), None when there is none."""
+        if self.once is not None:
+            return self.once if self.once > t else None
+        it = croniter(self.text, datetime.fromtimestamp(t, UTC),
+                      second_at_beginning=self.seconds_first)
+        return float(it.get_next(float))
+
+
+def _min_gap(values: list[Any], span: int) -> float:
+    """The least distance between two consecutive values of one cron field, wrapping
+    around its span; `inf` when the field has a single value."""
+    if values == ["*"]:
+        return 1.0
+    points = sorted({int(v) for v in values if isinstance(v, int)})
+    if len(points) < 2:
+        return math.inf
+    gaps = [b - a for a, b in itertools.pairwise(points)]
+    gaps.append(span - points[-1] + points[0])
+    return float(min(gaps))
+
+
+def min_interval(schedule: Schedule) -> float:
+    """The shortest time between two fires of `schedule`, in seconds, never overstated.
+
+    From the expanded fields, finest first: with several seconds it is their least gap;
+    else with several minutes, 60 times theirs; else with several hours, 3600 times
+    theirs; coarser schedules fire at most hourly-and-more apart. Wrap-around gaps
+    (59 → 0) are counted as if the next minute or hour also fired: an understatement at
+    worst, so a schedule is never let through as rarer than it is.
+    """
+    if schedule.once is not None:
+        return math.inf
+    expanded = croniter(schedule.text, second_at_beginning=schedule.seconds_first).expanded
+    seconds = expanded[5] if len(expanded) > 5 else [0]
+    for values, span, unit in ((seconds, 60, 1.0), (expanded[0], 60, 60.0), (expanded[1], 24, 3600.0)):
+        gap = _min_gap(values, span)
+        if gap != math.inf:
+            return gap * unit
+    return 86400.0
+
+
+def parse_schedule(value: object, *, minimum: float, now: float, what: str) -> Schedule:
+    """Validate a schedule; every error says what was wrong with it."""
+    if not isinstance(value, str):
+        raise _invalid(f"{what} must be a string, got {_type(value)}")
+    text = value.strip()
+    if not text or len(text) > MAX_SCHEDULE_CHARS:
+        raise _invalid(f"{what} must be 1 to {MAX_SCHEDULE_CHARS} characters")
+    if " " not in text and not text.startswith("@"):
+        # agentOS's rule: no spaces, an ISO 8601 instant; a job that runs once.
+        try:
+            instant = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise _invalid(f"{what} {text!r:.80} is neither a cron expression (5 fields, or 6 "
+                           "with seconds first) nor an ISO 8601 timestamp") from None
+        if instant.tzinfo is None:
+            instant = instant.replace(tzinfo=UTC)
+        once = instant.timestamp()
+        if once <= now:
+            raise _invalid(f"{what} {text!r:.80} is in the past")
+        return Schedule(text, once)
+    fields = text.split()
+    if not text.startswith("@") and len(fields) not in (5, 6):
+        raise _invalid(f"{what} {text!r:.80} has {len(fields)} fields; a cron expression has "
+                       "5 (minute hour day month weekday) or 6 (seconds first)")
+    schedule = Schedule(" ".join(fields))
+    try:
+        gap = min_interval(schedule)
+        schedule.next_after(now)
+    except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise _invalid(f"{what} {text!r:.80} is not a valid cron expression: {exc}") from None
+    if gap < minimum:
+        raise _invalid(f"{what} {text!r:.80} fires every {gap:g}s; this service allows at most "
+                       f"one run every {minimum:g}s (cron_min_interval)")
+    return schedule
+
+
+# ---- job specs -------------------------------------------------------------------------
+
+def _check_keys(value: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:
+    for key in value:
+        if key not in allowed:
+            raise _invalid(f"{what}: unknown field {key!r:.80}; expected {', '.join(allowed)}")
+
+
+def parse_action(value: object, what: str = "scheduleCron: options.action") -> dict[str, Any]:
+    """Validate a job's action; returns it as it is stored and sent to the worker."""
+    if not isinstance(value, dict):
+        raise _invalid(f"{what} must be an object, got {_type(value)}")
+    kind = value.get("type")
+    if kind == "exec":
+        _check_keys(value, ("type", "command", "args"), what)
+        command = value.get("command")
+        if not isinstance(command, str) or not command.strip():
+            raise _invalid(f"{what}.command must be a non-empty string, got {_type(command)}")
+        args = value.get("args") or []
+        if not isinstance(args, list) or len(args) > MAX_ARGS or not all(isinstance(x, str) for x in args):
+            raise _invalid(f"{what}.args must be a list of at most {MAX_ARGS} strings")
+        # agentOS runs `command` followed by its args; quoted here, so an arg stays one word.
+        line = " ".join([command, *(shlex.quote(x) for x in args)])
+        if "\0" in line or len(line.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+            raise _invalid(f"{what}: the command line must be at most {MAX_COMMAND_BYTES} bytes, "
+                           "without NUL bytes")
+        return {"type": "exec", "command": command, "args": list(args), "line": line}
+    if kind == "session":
+        _check_keys(value, ("type", "agentType", "prompt", "options", "cwd"), what)
+        agent = value.get("agentType")
+        if not isinstance(agent, str) or agent not in {t.value for t in AgentType}:
+            raise _invalid(f"{what}.agentType must be one of "
+                           f"{', '.join(repr(t.value) for t in AgentType)}; got {agent!r:.80}")
+        prompt = value.get("prompt")
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+            raise _invalid(f"{what}.prompt must be a string of at most {MAX_PROMPT_CHARS} characters")
+        options = value.get("options")
+        if options is not None and not isinstance(options, dict):
+            raise _invalid(f"{what}.options must be an object, got {_type(options)}")
+        options = dict(options or {})
+        if value.get("cwd") is not None:  # agentOS's serializable form puts cwd beside prompt
+            options.setdefault("cwd", value["cwd"])
+        parse_options(options, what=f"{what}.options", agent_type=AgentType(agent))
+        return {"type": "session", "agentType": agent, "prompt": prompt, "options": options}
+    raise _invalid(f"{what}.type must be 'exec' or 'session', got {kind!r:.80}")
+
+
+def parse_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
+        raise _invalid(f"{what} must be a string of 1 to {MAX_ID_CHARS} characters, got {_type(value)}")
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in value):
+        raise _invalid(f"{what} contains control characters")
+    return value
+
+
+@dataclass(eq=False)
+class CronJob:
+    id: str
+    schedule: Schedule
+    overlap: Overlap
+    action: dict[str, Any]
+    created_at: int
+    last_run: int | None = None
+    run_count: int = 0
+    # Not persisted:
+    next_run: float | None = None
+    running: int = 0
+    queued: bool = False
+    token: int = 0  # heap entries carrying another token are stale
+
+    def info(self) -> dict[str, Any]:
+        """agentOS's `CronJobInfo` (epoch-millisecond numbers), plus `action`, `runCount`,
+        `running` as its in-process manager has them."""
+        shown = {k: v for k, v in self.action.items() if k != "line"}
+        return {"id": self.id, "schedule": self.schedule.text, "overlap": self.overlap.value,
+                "lastRun": self.last_run,
+                "nextRun": None if self.next_run is None else round(self.next_run * 1000),
+                "action": shown, "runCount": self.run_count, "running": self.running > 0}
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.id, "schedule": self.schedule.text, "once": self.schedule.once,
+                "overlap": self.overlap.value, "action": self.action,
+                "createdAt": self.created_at, "lastRun": self.last_run, "runCount": self.run_count}
+
+    @classmethod
+    def from_record(cls, raw: dict[str, Any]) -> CronJob:
+        return cls(str(raw["id"]), Schedule(str(raw["schedule"]), raw.get("once")),
+                   Overlap(raw.get("overlap", "allow")), dict(raw["action"]),
+                   int(raw["createdAt"]), raw.get("lastRun"), int(raw.get("runCount", 0)))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---- the scheduler ---------------------------------------------------------------------
+
+@dataclass(order=True)
+class _Due:
+    when: float
+    order: int
+    actor_id: str = field(compare=False)
+    job_id: str = field(compare=False)
+    token: int = field(compare=False)
+
+
+class CronScheduler:
+    """Every actor's cron jobs: persisted per actor, fired from one heap by one task."""
+
+    def __init__(self, manager: ActorManager, min_interval_s: float, action_timeout: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._manager = manager
+        self._minimum = min_interval_s
+        self._action_timeout = action_timeout
+        self._clock = clock
+        self._jobs: dict[str, dict[str, CronJob]] = {}
+        self._heap: list[_Due] = []
+        self._order = itertools.count()
+        self._tokens = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load every actor's jobs, catch up on missed runs, and start serving the heap."""
+        now = self._clock()
+        root = self._manager.actors_dir
+        for path in sorted(root.glob(f"*/{CRON_FILE}")) if root.is_dir() else []:
+            actor_id = path.parent.name
+            try:
+                records = json.loads(path.read_text())["jobs"]
+                jobs = [CronJob.from_record(r) for r in records]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("cron_file_unreadable", actor=actor_id, path=str(path), error=str(exc))
+                continue
+            for job in jobs:
+                self._jobs.setdefault(actor_id, {})[job.id] = job
+                since = (job.last_run if job.last_run is not None else job.created_at) / 1000
+                missed = job.schedule.next_after(since)
+                if missed is not None and missed <= now:
+                    log.info("cron_catch_up", actor=actor_id, job=job.id, missed_at=missed)
+                    self._plan(actor_id, job, now)
+                else:
+                    self._plan(actor_id, job, missed)
+        loaded = sum(len(j) for j in self._jobs.values())
+        if loaded:
+            log.info("cron_loaded", jobs=loaded, actors=len(self._jobs))
+        self._task = asyncio.create_task(self._serve(), name="cron")
+        self._manager._own(self._task)
+
+    def forget(self, actor_id: str) -> None:
+        """The actor is destroyed: its jobs go with its dir."""
+        for job in self._jobs.pop(actor_id, {}).values():
+            job.token = 0
+
+    # ---- actions -------------------------------------------------------------------
+
+    def handle(self, actor: Actor, name: str, args: list[Any]) -> Any:
+        """Answer one of SUPERVISOR_ACTIONS; raises ActorvisorError for bad input."""
+        if name == ActionName.SCHEDULE_CRON:
+            if len(args) != 1:
+                raise _invalid(f"scheduleCron takes 1 argument (options), got {len(args)}")
+            return self.schedule(actor.id, args[0])
+        if name == ActionName.LIST_CRON_JOBS:
+            if args:
+                raise _invalid(f"listCronJobs takes no arguments, got {len(args)}")
+            return [job.info() for job in self._jobs.get(actor.id, {}).values()]
+        if len(args) != 1:
+            raise _invalid(f"cancelCronJob takes 1 argument (id), got {len(args)}")
+        self.cancel(actor.id, parse_id(args[0], "cancelCronJob: argument 1 (id)"))
+        return None
+
+    def schedule(self, actor_id: str, options: object) -> dict[str, str]:
+        what = "scheduleCron: argument 1 (options)"
+        if not isinstance(options, dict):
+            raise _invalid(f"{what} must be an object, got {_type(options)}")
+        _check_keys(options, ("id", "schedule", "overlap", "action"), what)
+        job_id = (parse_id(options["id"], f"{what}.id") if options.get("id") is not None
+                  else str(uuid.uuid4()))
+        now = self._clock()
+        schedule = parse_schedule(options.get("schedule"), minimum=self._minimum, now=now,
+                                  what=f"{what}.schedule")
+        overlap_raw = options.get("overlap") or Overlap.ALLOW.value
+        if overlap_raw not in {o.value for o in Overlap}:
+            raise _invalid(f"{what}.overlap must be 'allow', 'skip' or 'queue', got {overlap_raw!r:.80}")
+        action = parse_action(options.get("action"), f"{what}.action")
+        jobs = self._jobs.setdefault(actor_id, {})
+        if job_id not in jobs and len(jobs) >= MAX_JOBS_PER_ACTOR:
+            raise _invalid(f"scheduleCron: this actor already has {len(jobs)} cron jobs, the most "
+                           "it may have; cancel one first")
+        old = jobs.get(job_id)
+        if old is not None:  # the same id again replaces the job
+            old.token = 0
+        job = CronJob(job_id, schedule, Overlap(overlap_raw), action, _now_ms())
+        jobs[job_id] = job
+        self._plan(actor_id, job, schedule.next_after(now))
+        self._save(actor_id)
+        log.info("cron_scheduled", actor=actor_id, job=job_id, schedule=schedule.text,
+                 overlap=job.overlap.value, action=action["type"])
+        return {"id": job_id}
+
+    def cancel(self, actor_id: str, job_id: str) -> None:
+        """agentOS's `cancelCronJob`: an unknown id is no error. A run in flight finishes."""
+        job = self._jobs.get(actor_id, {}).pop(job_id, None)
+        if job is None:
+            return
+        job.token = 0
+        job.queued = False
+        self._save(actor_id)
+        log.info("cron_cancelled", actor=actor_id, job=job_id)
+
+    # ---- firing --------------------------------------------------------------------
+
+    def _plan(self, actor_id: str, job: CronJob, when: float | None) -> None:
+        job.next_run = when
+        job.token = next(self._tokens)
+        if when is not None:
+            heapq.heappush(self._heap, _Due(when, next(self._order), actor_id, job.id, job.token))
+            self._changed.set()
+
+    def _live(self, due: _Due) -> CronJob | None:
+        job = self._jobs.get(due.actor_id, {}).get(due.job_id)
+        return job if job is not None and job.token == due.token else None
+
+    async def _serve(self) -> None:
+        while True:
+            self._changed.clear()
+            while self._heap and self._live(self._heap[0]) is None:
+                heapq.heappop(self._heap)
+            delay = None if not self._heap else self._heap[0].when - self._clock()
+            if delay is None or delay > 0:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), delay)
+                except TimeoutError:
+                    pass
+                continue
+            due = heapq.heappop(self._heap)
+            job = self._live(due)
+            if job is not None:
+                self._fire(due.actor_id, job, due.when)
+
+    def _fire(self, actor_id: str, job: CronJob, when: float) -> None:
+        now = self._clock()
+        if job.schedule.once is not None:
+            self._jobs.get(actor_id, {}).pop(job.id, None)
+            job.next_run = None
+        else:
+            # Never behind: after a stall the next fire is the next one from now.
+            self._plan(actor_id, job, job.schedule.next_after(max(now, when)))
+        if job.running:
+            if job.overlap is Overlap.SKIP:
+                log.info("cron_skipped_overlap", actor=actor_id, job=job.id)
+                self._save(actor_id)
+                return
+            if job.overlap is Overlap.QUEUE:
+                job.queued = True
+                return
+        self._start_run(actor_id, job)
+
+    def _start_run(self, actor_id: str, job: CronJob) -> None:
+        job.running += 1
+        job.last_run = _now_ms()
+        job.run_count += 1
+        self._save(actor_id)
+        task = asyncio.create_task(self._run(actor_id, job), name=f"cron-{actor_id}-{job.id}")
+        self._manager._own(task)
+
+    async def _run(self, actor_id: str, job: CronJob) -> None:
+        spec = {"id": job.id, "schedule": job.schedule.text, "action": job.action}
+        try:
+            actor = self._manager.get_by_id(actor_id)
+            fut = self._manager.submit(actor, ActionName.RUN_CRON_JOB, [spec, job.last_run],
+                                       internal=True)
+            await asyncio.wait_for(asyncio.shield(fut), self._action_timeout)
+        except ActorvisorError as err:
+            log.warning("cron_run_failed", actor=actor_id, job=job.id, code=err.code.value,
+                        error=err.message)
+        except TimeoutError:
+            log.warning("cron_run_timeout", actor=actor_id, job=job.id)
+        finally:
+            job.running -= 1
+            if job.queued and self._jobs.get(actor_id, {}).get(job.id) is job:
+                job.queued = False
+                self._start_run(actor_id, job)
+
+    # ---- persistence ---------------------------------------------------------------
+
+    def _save(self, actor_id: str) -> None:
+        """Replace the actor's cron file whole: a crash leaves the old one or the new one."""
+        jobs = self._jobs.get(actor_id, {})
+        path = self._manager.actors_dir / actor_id / CRON_FILE
+        partial = path.with_suffix(".tmp")
+        try:
+            if not jobs:
+                path.unlink(missing_ok=True)
+                return
+            partial.write_text(json.dumps({"jobs": [j.record() for j in jobs.values()]}))
+            partial.replace(path)
+        except OSError as exc:
+            log.error("cron_save_failed", actor=actor_id, path=str(path), error=str(exc))
