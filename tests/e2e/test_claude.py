@@ -154,3 +154,34 @@ async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(make_s
     assert code == 0, out
     assert "Hello from the model." in out and "[turn ended: end_turn]" in out
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("policy", ["ask", "allow_all"])
+async def test_the_service_permission_policy_reaches_the_worker(make_supervisor, tmp_state,
+                                                                fake: FakeAnthropic, policy: str):
+    """A session that names no policy gets the service's: by default it asks before the
+    tool runs (and a rejection keeps it from running); with `allow_all` it just runs."""
+    args: list[str] = []
+    if policy == "allow_all":
+        config = tmp_state / "policy.toml"
+        config.write_text('permission_policy = "allow_all"\n')
+        args = ["--config", str(config)]
+    sup = make_supervisor(*args, env=api_env(fake))
+    async with Client(sup.url) as client:
+        conn = await client.connect("vm", f"policy-{policy}")
+        asked: list[dict] = []
+        conn.on("permissionRequest", asked.append)
+        sid = (await conn.call("createSession", "claude", {}))["sessionId"]
+        fake.script(Reply(ToolUse("toolu_p", "bash", {"command": "echo ran > /workspace/ran"})),
+                    Reply(Text("Done.")))
+        turn = asyncio.create_task(conn.call("sendPrompt", sid, "write the file"))
+        if policy == "ask":
+            await eventually(lambda: asked)
+            assert not turn.done()
+            request = asked[0]["request"]
+            assert "echo ran" in json.dumps(request["params"])
+            await conn.call("respondPermission", sid, request["permissionId"], "reject")
+        assert (await turn)["text"] == "Done."
+        assert await conn.call("exists", "/workspace/ran") is (policy == "allow_all")
+        assert (asked == []) is (policy == "allow_all")
+        await conn.close()
