@@ -297,18 +297,17 @@ class CronScheduler:
             try:
                 records = json.loads(path.read_text())["jobs"]
                 jobs = [CronJob.from_record(r) for r in records]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("cron_file_unreadable", actor=actor_id, path=str(path), error=str(exc))
-                continue
-            for job in jobs:
-                self._jobs.setdefault(actor_id, {})[job.id] = job
-                since = (job.last_run if job.last_run is not None else job.created_at) / 1000
-                missed = job.schedule.next_after(since)
-                if missed is not None and missed <= now:
-                    log.info("cron_catch_up", actor=actor_id, job=job.id, missed_at=missed)
-                    self._plan(actor_id, job, now)
-                else:
+                for job in jobs:
+                    since = (job.last_run if job.last_run is not None else job.created_at) / 1000
+                    missed = job.schedule.next_after(since)
+                    if missed is not None and missed <= now:
+                        log.info("cron_catch_up", actor=actor_id, job=job.id, missed_at=missed)
+                        missed = now
+                    self._jobs.setdefault(actor_id, {})[job.id] = job
                     self._plan(actor_id, job, missed)
+            except (OSError, ValueError, KeyError, TypeError, CroniterError) as exc:
+                # One actor's damaged file must not keep every other actor's jobs from running.
+                log.error("cron_file_unreadable", actor=actor_id, path=str(path), error=str(exc))
         loaded = sum(len(j) for j in self._jobs.values())
         if loaded:
             log.info("cron_loaded", jobs=loaded, actors=len(self._jobs))
@@ -403,8 +402,13 @@ class CronScheduler:
                 continue
             due = heapq.heappop(self._heap)
             job = self._live(due)
-            if job is not None:
+            if job is None:
+                continue
+            try:
                 self._fire(due.actor_id, job, due.when)
+            except Exception:
+                # This task serves every actor's jobs: one job's surprise must not end it.
+                log.exception("cron_fire_failed", actor=due.actor_id, job=job.id)
 
     def _fire(self, actor_id: str, job: CronJob, when: float) -> None:
         now = self._clock()

@@ -8,7 +8,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from protocol.aio import Client
+from protocol.errors import ActorvisorError, ErrorCode
 from tests.support import eventually
 
 # Idle actors sleep within a few tenths of a second, so a job every second finds its
@@ -85,9 +88,21 @@ async def test_cron_job_wakes_the_sleeping_actor_each_second_until_cancelled(mak
 
 
 async def test_cron_job_survives_a_restart_and_a_session_job_prompts(make_supervisor, tmp_state):
-    sup = make_supervisor()
+    sup = make_supervisor("--cron-min-interval", "2")
     key = "cron-restart"
     async with Client(sup.url) as client:
+        # Bad input over the wire: precise errors, and runCronJob is not the client's.
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", key, "scheduleCron", {
+                "schedule": "* * * * * *", "action": {"type": "exec", "command": "true"}})
+        assert info.value.code is ErrorCode.INVALID_ARGS
+        assert "fires every 1s; this service allows at most one run every 2s" in info.value.message
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", key, "scheduleCron", {"schedule": "61 * * * *", "action": {}})
+        assert "'61 * * * *' is not a valid cron expression" in info.value.message
+        with pytest.raises(ActorvisorError) as info:
+            await client.action("vm", key, "runCronJob", {"id": "x", "action": {"type": "exec", "line": "true"}}, 0)
+        assert info.value.code is ErrorCode.UNKNOWN_ACTION
         await client.action("vm", key, "scheduleCron", {
             "id": "ask", "schedule": "*/2 * * * * *", "overlap": "skip",
             "action": {"type": "session", "agentType": "local",
@@ -98,11 +113,14 @@ async def test_cron_job_survives_a_restart_and_a_session_job_prompts(make_superv
     async with Client(sup.url) as client:
         [info] = await client.action("vm", key, "listCronJobs")
         assert info["id"] == "ask" and info["overlap"] == "skip"
+        restarted_at = max((p["seq"] for _, p in await logged(client, key)), default=0)
 
         async def completed() -> list[dict[str, Any]]:
-            return [p["event"] for n, p in await logged(client, key)
-                    if n == "cronEvent" and p["event"]["type"] == "cron:complete"]
+            return [p["event"] for n, p in await logged(client, key) if n == "cronEvent"
+                    and p["event"]["type"] == "cron:complete" and p["seq"] > restarted_at]
         [first, *_] = await eventually(completed, 30, interval=0.5)
         assert first["jobId"] == "ask" and first["result"]["stopReason"] == "end_turn"
+        assert "Ran `echo from-cron >> /workspace/session.log`: exit code 0." in first["result"]["text"]
         content = await client.action("vm", key, "readFile", "/workspace/session.log")
         assert b"from-cron" in content
+        await client.action("vm", key, "cancelCronJob", "ask")
