@@ -28,6 +28,7 @@ import heapq
 import itertools
 import json
 import math
+import os
 import shlex
 import time
 import uuid
@@ -360,7 +361,7 @@ class CronScheduler:
         job = CronJob(job_id, schedule, Overlap(overlap_raw), action, _now_ms())
         jobs[job_id] = job
         self._plan(actor_id, job, schedule.next_after(now))
-        self._save(actor_id)
+        self._save(actor_id, durable=True)
         log.info("cron_scheduled", actor=actor_id, job=job_id, schedule=schedule.text,
                  overlap=job.overlap.value, action=action["type"])
         return {"id": job_id}
@@ -372,7 +373,7 @@ class CronScheduler:
             return
         job.token = 0
         job.queued = False
-        self._save(actor_id)
+        self._save(actor_id, durable=True)
         log.info("cron_cancelled", actor=actor_id, job=job_id)
 
     # ---- firing --------------------------------------------------------------------
@@ -421,7 +422,6 @@ class CronScheduler:
         if job.running:
             if job.overlap is Overlap.SKIP:
                 log.info("cron_skipped_overlap", actor=actor_id, job=job.id)
-                self._save(actor_id)
                 return
             if job.overlap is Overlap.QUEUE:
                 job.queued = True
@@ -456,16 +456,31 @@ class CronScheduler:
 
     # ---- persistence ---------------------------------------------------------------
 
-    def _save(self, actor_id: str) -> None:
-        """Replace the actor's cron file whole: a crash leaves the old one or the new one."""
+    def _save(self, actor_id: str, *, durable: bool = False) -> None:
+        """Replace the actor's cron file whole: a crash leaves the old one or the new one.
+
+        `durable` (scheduling and cancelling) also syncs it to disk before the action is
+        answered; a run's bookkeeping (`lastRun`, `runCount`) is not synced, so after a
+        power loss a job may run one catch-up run more, never one less.
+        """
         jobs = self._jobs.get(actor_id, {})
         path = self._manager.actors_dir / actor_id / CRON_FILE
         partial = path.with_suffix(".tmp")
         try:
             if not jobs:
                 path.unlink(missing_ok=True)
-                return
-            partial.write_text(json.dumps({"jobs": [j.record() for j in jobs.values()]}))
-            partial.replace(path)
+            else:
+                with partial.open("w") as fh:
+                    json.dump({"jobs": [j.record() for j in jobs.values()]}, fh)
+                    if durable:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                partial.replace(path)
+            if durable:
+                dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
         except OSError as exc:
             log.error("cron_save_failed", actor=actor_id, path=str(path), error=str(exc))
