@@ -7,6 +7,8 @@ action `runCronJob` through the normal action path (`ActorManager.submit`), whic
 sleeping actor exactly as a client's action would; the worker runs it and logs its
 `cronEvent`s, so they are durable, sequenced and broadcast like every other event. While a
 run is in flight the actor counts as busy; afterwards it goes back to sleep as usual.
+This module never writes an actor's event log (only its worker does) and never makes a
+client's action wait for a worker: scheduling, listing and cancelling are answered here.
 
 Jobs are kept in the actor's dir (`cron.json`, replaced whole by rename, never half
 written) and loaded from every actor dir when the service starts. The rule for runs missed
