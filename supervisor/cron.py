@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -44,9 +43,8 @@ import structlog
 from croniter import CroniterError, croniter
 
 from protocol.errors import ActorvisorError, ErrorCode
-from protocol.names import ActionName, AgentType
-from vmworker.actions import MAX_ARGS, MAX_COMMAND_BYTES
-from vmworker.sessions import MAX_PROMPT_CHARS, parse_options
+from protocol.names import ActionName
+from vmworker.cron import check_keys, parse_action
 
 if TYPE_CHECKING:
     from .actors import Actor, ActorManager
@@ -169,51 +167,6 @@ def parse_schedule(value: object, *, minimum: float, now: float, what: str) -> S
 
 # ---- job specs -------------------------------------------------------------------------
 
-def _check_keys(value: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:
-    for key in value:
-        if key not in allowed:
-            raise _invalid(f"{what}: unknown field {key!r:.80}; expected {', '.join(allowed)}")
-
-
-def parse_action(value: object, what: str = "scheduleCron: options.action") -> dict[str, Any]:
-    """Validate a job's action; returns it as it is stored and sent to the worker."""
-    if not isinstance(value, dict):
-        raise _invalid(f"{what} must be an object, got {_type(value)}")
-    kind = value.get("type")
-    if kind == "exec":
-        _check_keys(value, ("type", "command", "args"), what)
-        command = value.get("command")
-        if not isinstance(command, str) or not command.strip():
-            raise _invalid(f"{what}.command must be a non-empty string, got {_type(command)}")
-        args = value.get("args") or []
-        if not isinstance(args, list) or len(args) > MAX_ARGS or not all(isinstance(x, str) for x in args):
-            raise _invalid(f"{what}.args must be a list of at most {MAX_ARGS} strings")
-        # agentOS runs `command` followed by its args; quoted here, so an arg stays one word.
-        line = " ".join([command, *(shlex.quote(x) for x in args)])
-        if "\0" in line or len(line.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
-            raise _invalid(f"{what}: the command line must be at most {MAX_COMMAND_BYTES} bytes, "
-                           "without NUL bytes")
-        return {"type": "exec", "command": command, "args": list(args), "line": line}
-    if kind == "session":
-        _check_keys(value, ("type", "agentType", "prompt", "options", "cwd"), what)
-        agent = value.get("agentType")
-        if not isinstance(agent, str) or agent not in {t.value for t in AgentType}:
-            raise _invalid(f"{what}.agentType must be one of "
-                           f"{', '.join(repr(t.value) for t in AgentType)}; got {agent!r:.80}")
-        prompt = value.get("prompt")
-        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
-            raise _invalid(f"{what}.prompt must be a string of at most {MAX_PROMPT_CHARS} characters")
-        options = value.get("options")
-        if options is not None and not isinstance(options, dict):
-            raise _invalid(f"{what}.options must be an object, got {_type(options)}")
-        options = dict(options or {})
-        if value.get("cwd") is not None:  # agentOS's serializable form puts cwd beside prompt
-            options.setdefault("cwd", value["cwd"])
-        parse_options(options, what=f"{what}.options", agent_type=AgentType(agent))
-        return {"type": "session", "agentType": agent, "prompt": prompt, "options": options}
-    raise _invalid(f"{what}.type must be 'exec' or 'session', got {kind!r:.80}")
-
-
 def parse_id(value: object, what: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
         raise _invalid(f"{what} must be a string of 1 to {MAX_ID_CHARS} characters, got {_type(value)}")
@@ -240,11 +193,10 @@ class CronJob:
     def info(self) -> dict[str, Any]:
         """agentOS's `CronJobInfo` (epoch-millisecond numbers), plus `action`, `runCount`,
         `running` as its in-process manager has them."""
-        shown = {k: v for k, v in self.action.items() if k != "line"}
         return {"id": self.id, "schedule": self.schedule.text, "overlap": self.overlap.value,
                 "lastRun": self.last_run,
                 "nextRun": None if self.next_run is None else round(self.next_run * 1000),
-                "action": shown, "runCount": self.run_count, "running": self.running > 0}
+                "action": self.action, "runCount": self.run_count, "running": self.running > 0}
 
     def record(self) -> dict[str, Any]:
         return {"id": self.id, "schedule": self.schedule.text, "once": self.schedule.once,
@@ -343,7 +295,7 @@ class CronScheduler:
         what = "scheduleCron: argument 1 (options)"
         if not isinstance(options, dict):
             raise _invalid(f"{what} must be an object, got {_type(options)}")
-        _check_keys(options, ("id", "schedule", "overlap", "action"), what)
+        check_keys(options, ("id", "schedule", "overlap", "action"), what)
         job_id = (parse_id(options["id"], f"{what}.id") if options.get("id") is not None
                   else str(uuid.uuid4()))
         now = self._clock()

@@ -22,7 +22,6 @@ from typing import Any, Final
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ActionName, AgentType, EventName
 
-from . import cron
 from .agents import PROFILES
 from .agents.base import PermissionReply
 from .eventlog import EventReader, Page
@@ -209,6 +208,8 @@ class Actions:
         return await spec.handler(checked)
 
     async def _run_cron_job(self, a: Args) -> Any:
+        from . import cron  # cron builds on this module's limits: imported once both exist
+
         return await cron.run_job(a.get(0), a.get(1), vm=self._vm, sessions=self._sessions,
                                   outbox=self._outbox)
 

@@ -198,6 +198,6 @@ async def test_overlap_as_agentos_defines_it(cron: Any, overlap: str, runs: int)
     assert len(manager.runs) == runs
     assert job.run_count == runs and job.last_run is not None
     args, _ = manager.runs[0]
-    assert args[0]["id"] == "j" and args[0]["action"]["line"] == "true"
+    assert args[0]["id"] == "j" and args[0]["action"] == {"type": "exec", "command": "true", "args": []}
     saved = json.loads((manager.actors_dir / ACTOR / CRON_FILE).read_text())["jobs"]
     assert saved[0]["runCount"] == runs

@@ -14,7 +14,7 @@ async def test_a_run_logs_fire_then_complete_or_error(actor: InProcessActor,
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     loud = {"id": "j", "schedule": "* * * * *",
-            "action": {"type": "exec", "line": "head -c 10000 /dev/zero | tr '\\0' x; exit 3"}}
+            "action": {"type": "exec", "command": "head -c 10000 /dev/zero | tr '\\0' x; exit", "args": ["3"]}}
     done: Any = await actor.call("runCronJob", loud, 123)
     assert done["type"] == "cron:complete" and done["firedAt"] == 123 and done["id"] == done["jobId"] == "j"
     assert done["result"]["exitCode"] == 3  # a failing command is a completed run, as in agentOS
