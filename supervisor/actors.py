@@ -176,7 +176,8 @@ class ActorManager:
         # Every VM's limits and identity range, completed for this host (VmSettings.to_arg).
         self.vm_settings = ""
         # Cron jobs of every actor; started by the supervisor (`cron.start()`).
-        self.cron = CronScheduler(self, config.cron_min_interval, config.action_timeout)
+        self.cron = CronScheduler(self, config.cron_min_interval, config.action_timeout,
+                                  config.max_running_actors)
 
     # ---- registry ------------------------------------------------------------------
 

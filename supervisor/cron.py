@@ -229,8 +229,9 @@ class CronScheduler:
     """Every actor's cron jobs: persisted per actor, fired from one heap by one task."""
 
     def __init__(self, manager: ActorManager, min_interval_s: float, action_timeout: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 max_running: int = 0, clock: Callable[[], float] = time.time) -> None:
         self._manager = manager
+        self._max_running = max_running
         self._minimum = min_interval_s
         self._action_timeout = action_timeout
         self._clock = clock
@@ -394,6 +395,7 @@ class CronScheduler:
         spec = {"id": job.id, "schedule": job.schedule.text, "action": job.action}
         try:
             actor = self._manager.get_by_id(actor_id)
+            self._admit(actor)
             fut = self._manager.submit(actor, ActionName.RUN_CRON_JOB, [spec, job.last_run],
                                        internal=True)
             await asyncio.wait_for(asyncio.shield(fut), self._action_timeout)
@@ -407,6 +409,15 @@ class CronScheduler:
             if job.queued and self._jobs.get(actor_id, {}).get(job.id) is job:
                 job.queued = False
                 self._start_run(actor_id, job)
+
+    def _admit(self, actor: Actor) -> None:
+        """A cron run wakes no worker past `max_running_actors`, as a client's call would not."""
+        if not self._max_running or actor.running:
+            return
+        running = sum(1 for a in self._manager.all() if a.running)
+        if running >= self._max_running:
+            raise ActorvisorError(ErrorCode.OVERLOADED,
+                                  f"{running} actors are running, the most this service runs at once")
 
     # ---- persistence ---------------------------------------------------------------
 

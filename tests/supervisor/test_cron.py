@@ -34,6 +34,7 @@ EXEC = {"type": "exec", "command": "true"}
 class FakeActor:
     id: str
     name: str = "vm"
+    running: bool = False
 
 
 @dataclass
@@ -52,6 +53,9 @@ class FakeManager:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.runs.append((args, fut))
         return fut
+
+    def all(self) -> list[FakeActor]:
+        return [FakeActor("b" * 24, running=True)]  # one other actor is up
 
     def _own(self, task: asyncio.Task[Any]) -> None:
         self.tasks.add(task)
@@ -201,3 +205,14 @@ async def test_overlap_as_agentos_defines_it(cron: Any, overlap: str, runs: int)
     assert args[0]["id"] == "j" and args[0]["action"] == {"type": "exec", "command": "true", "args": []}
     saved = json.loads((manager.actors_dir / ACTOR / CRON_FILE).read_text())["jobs"]
     assert saved[0]["runCount"] == runs
+
+
+async def test_a_run_wakes_no_worker_past_max_running_actors(tmp_path: Path) -> None:
+    manager = FakeManager(tmp_path)
+    (tmp_path / ACTOR).mkdir()
+    scheduler = CronScheduler(manager, 1.0, 30.0, max_running=1)  # type: ignore[arg-type]
+    scheduler.schedule(ACTOR, {"id": "j", "schedule": "0 0 1 1 *", "action": EXEC})
+    scheduler._fire(ACTOR, scheduler._jobs[ACTOR]["j"], time.time())
+    await asyncio.gather(*manager.tasks)
+    assert manager.runs == []  # refused (actor.overloaded, logged), not queued
+    assert scheduler._jobs[ACTOR]["j"].running == 0
