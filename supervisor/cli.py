@@ -210,7 +210,8 @@ async def _events(args: argparse.Namespace) -> int:
         if not args.follow:
             return 0
         conn = await client.connect(ACTOR_KIND_VM, args.actor)
-        for name in ("sessionEvent", "permissionRequest", "permissionResolved", "vmBooted", "vmShutdown"):
+        for name in ("sessionEvent", "permissionRequest", "permissionResolved", "vmBooted", "vmShutdown",
+                     "cronEvent"):
             conn.subscribe(name, lambda p, name=name: print(json.dumps({"name": name, **_jsonable(p)}),
                                                             flush=True), after=after)
         await asyncio.Event().wait()
