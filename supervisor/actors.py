@@ -184,6 +184,15 @@ class ActorManager:
     def all(self) -> list[Actor]:
         return list(self._actors.values())
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many known actors are in each state: every state, zeros included, in the
+        order they are declared. The one count behind the metrics, the systemd status
+        line and `/admin/workers`."""
+        counts = {state.value: 0 for state in ActorState}
+        for actor in self._actors.values():
+            counts[actor.state.value] += 1
+        return counts
+
     def get_or_create(self, name: str, key: str, *, create: bool = True) -> Actor:
         validate_name(name)
         validate_key(key)

@@ -35,7 +35,7 @@ from vmworker.netpolicy import Policy, PolicyError
 from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
-from .actors import Actor, ActorManager, ActorState
+from .actors import Actor, ActorManager
 from .auth import Auth
 from .config import Config, make_private_runtime_dir
 from .connections import CLOSE_GOING_AWAY
@@ -174,7 +174,7 @@ class Supervisor:
             sockets = getattr(server, "sockets", None) or []
             if sockets:
                 self.port = sockets[0].getsockname()[1]
-        self._collector = metrics.SupervisorCollector(self)
+        self._collector = metrics.SupervisorCollector(self.levels)
         metrics.REGISTRY.register(self._collector)
         self._last_tick = time.monotonic()
         self._ticker = asyncio.create_task(self._tick(), name="supervisor-tick")
@@ -228,12 +228,26 @@ class Supervisor:
             withheld = False
             self.notifier.watchdog()
 
+    def levels(self) -> metrics.Levels:
+        """What the supervisor holds right now, for the `/metrics` scrape."""
+        conns = list(self.gateway.connections)
+        actors = self.manager.all()
+        return metrics.Levels(
+            connections=len(conns), connections_opened=self.gateway.connections_total,
+            fd_limit=self.fd_limit, tcp_connections=self.limiter.open,
+            connections_refused=self.limiter.refused, header_timeouts=self.limiter.timed_out,
+            accept_errors=self.accept_errors.total,
+            actors_by_state=self.manager.count_by_state(),
+            queue_bytes=sum(c.queued_bytes for c in conns),
+            queue_bytes_max=max((c.queued_bytes for c in conns), default=0),
+            subscriptions=sum(a.relay.subscriber_count() for a in actors),
+            pending_actions=sum(len(a.pending) for a in actors),
+            inflight_actions=sum(len(a.inflight) for a in actors),
+            loop_lag=self.loop_lag)
+
     def status_line(self) -> str:
         """One line for `systemctl status`: actors by state, connections."""
-        counts: dict[str, int] = {}
-        for actor in self.manager.all():
-            counts[actor.state.value] = counts.get(actor.state.value, 0) + 1
-        states = ", ".join(f"{counts[s.value]} {s.value}" for s in ActorState if s.value in counts)
+        states = ", ".join(f"{n} {state}" for state, n in self.manager.count_by_state().items() if n)
         return (f"actors: {states or 'none'}; connections: {len(self.gateway.connections)}; "
                 f"listening on {self.config.host}:{self.port}")
 
@@ -297,10 +311,8 @@ class Supervisor:
         """Everything `actorvisor top` shows that is not a process figure (psutil's part)."""
         actors = self.manager.all()
         sessions = await asyncio.to_thread(session_counts, [a.dir / "events.db" for a in actors])
-        by_state = {state.value: 0 for state in ActorState}
         rows = []
         for actor, counted in zip(actors, sessions):
-            by_state[actor.state.value] += 1
             row = actor.describe()
             queued = [c.queued_bytes for c in actor.connections]
             row.update(sessions=counted[0] if counted else None,
@@ -323,7 +335,7 @@ class Supervisor:
                 "actionsTotal": self.manager.actions_total,
                 "eventsRelayed": sum(a.relay.events_relayed for a in actors),
                 "queuedBytes": sum(c.queued_bytes for c in conns),
-                "actorsByState": by_state,
+                "actorsByState": self.manager.count_by_state(),
                 "loopLagMs": round(self.loop_lag * 1000, 1),
                 "heartbeatIntervalMs": int(self.config.heartbeat_interval * 1000),
                 "hangTimeoutMs": int(self.config.hang_timeout * 1000),
