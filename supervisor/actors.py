@@ -37,8 +37,8 @@ import structlog
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
-from vmworker import actorlock, vmroot
-from vmworker.eventlog import EventLog, EventRecord, now_ms
+from vmworker import vmroot
+from vmworker.eventlog import append_for_dead_worker, log_path
 
 from . import metrics
 from .config import Config
@@ -48,20 +48,6 @@ from .spawner import Spawner, WorkerProcess, WorkerSpec
 log = structlog.get_logger("supervisor.actors")
 
 MAX_KEY_BYTES = 512
-
-
-def append_event(db_path: Path, name: str, payload: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
-    """Append one event to an actor's log on behalf of a worker that is gone (blocking),
-    holding the actor's lock: never beside a living writer."""
-    with actorlock.held(db_path.parent):
-        event_log = EventLog.open(db_path)
-        try:
-            seq = event_log.last_seq + 1
-            full = {**payload, "seq": seq}
-            event_log.write_batch([EventRecord(seq, name, None, full, now_ms())], [])
-            return event_log.epoch, seq, full
-        finally:
-            event_log.close()
 
 
 class ActorState(StrEnum):
@@ -233,7 +219,7 @@ class ActorManager:
         return self._register(actor_id, meta["name"], meta["key"], actor_dir)
 
     def _register(self, actor_id: str, name: str, key: str, actor_dir: Path) -> Actor:
-        relay = ActorRelay(actor_id, actor_dir / "events.db", self._config.ring_size)
+        relay = ActorRelay(actor_id, log_path(actor_dir), self._config.ring_size)
         actor = Actor(actor_id, name, key, actor_dir, relay)
         self._actors[actor_id] = actor
         return actor
@@ -382,14 +368,13 @@ class ActorManager:
         still has exactly one writer.
         """
         try:
-            record = await asyncio.to_thread(append_event, actor.dir / "events.db",
+            record = await asyncio.to_thread(append_for_dead_worker, log_path(actor.dir),
                                              EventName.VM_SHUTDOWN, {"reason": reason.value})
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             log.error("shutdown_record_failed", actor=actor.id, error=str(exc))
             return
-        epoch, seq, payload = record
-        if actor.relay.last_seq is None or seq > actor.relay.last_seq:
-            actor.relay.publish(seq, epoch, EventName.VM_SHUTDOWN, payload)
+        if actor.relay.last_seq is None or record.seq > actor.relay.last_seq:
+            actor.relay.publish(record.seq, record.payload["epoch"], record.name, record.payload)
 
     def _fail_inflight(self, actor: Actor, error: ActorvisorError, keep: Collection[int] = ()) -> None:
         actor.pending.clear()

@@ -8,7 +8,7 @@ Under systemd it tells the service manager `READY=1` the moment it listens (neve
 VM), keeps `STATUS=` current, pings the watchdog only while its event loop and periodic
 tick are alive, and says `STOPPING=1` when the drain begins. The operations routes
 (`/metrics`, `/admin/workers`) read in-memory state; the one file read (open sessions
-from each actor's log) runs in a thread.
+from each actor's log, `eventlog.session_counts`) runs in a thread.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import os
 import shutil
 import signal
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from protocol import worker as wire
 from protocol.errors import ActorvisorError
 from protocol.names import ShutdownReason
 from vmworker.cgroups import CgroupRoot
+from vmworker.eventlog import log_path, session_counts
 from vmworker.netpolicy import Policy, PolicyError
 from vmworker.vm import VmSettings, refusal
 
@@ -49,26 +49,6 @@ from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
 
 log = structlog.get_logger("supervisor")
-
-
-def session_counts(db_paths: list[Path]) -> list[tuple[int, int] | None]:
-    """(open, running) sessions per actor log, read-only (blocking: call it in a thread)."""
-    counts: list[tuple[int, int] | None] = []
-    for path in db_paths:
-        if not path.exists():
-            counts.append((0, 0))
-            continue
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-            try:
-                row = conn.execute("SELECT count(*), coalesce(sum(status = 'running'), 0)"
-                                   " FROM sessions WHERE status != 'closed'").fetchone()
-            finally:
-                conn.close()
-            counts.append((int(row[0]), int(row[1])))
-        except sqlite3.Error:
-            counts.append(None)
-    return counts
 
 
 class VmHostError(Exception):
@@ -310,7 +290,8 @@ class Supervisor:
     async def admin_workers(self, request: web.Request) -> web.Response:
         """Everything `actorvisor top` shows that is not a process figure (psutil's part)."""
         actors = self.manager.all()
-        sessions = await asyncio.to_thread(session_counts, [a.dir / "events.db" for a in actors])
+        paths = [log_path(a.dir) for a in actors]
+        sessions = await asyncio.to_thread(lambda: [session_counts(path) for path in paths])
         rows = []
         for actor, counted in zip(actors, sessions):
             row = actor.describe()

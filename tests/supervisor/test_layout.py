@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import re
 from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
 
 from tests.support import ROOT
 
@@ -55,3 +57,34 @@ def test_no_import_cycle_among_supervisor_modules() -> None:
     assert {"actors", "app", "metrics", "relay"} <= graph.keys()
     assert "actors" in graph["app"]
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+# A statement on one of the event log's tables: its keyword, then the table's name after
+# FROM / INTO / UPDATE / TABLE (the schema's tables: meta, events, sessions).
+_LOG_SQL = re.compile(r"\b(?:SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|REPLACE)\b[^;]*?"
+                      r"\b(?:FROM|INTO|UPDATE|TABLE|ON)\s+(?:meta|events|sessions)\b", re.IGNORECASE)
+
+
+def _log_sql(path: Path) -> list[str]:
+    """String constants in a file that hold SQL on the event log's tables."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [m.group(0) for m in _LOG_SQL.finditer(node.value)]
+    return found
+
+
+def test_the_sql_search_finds_a_statement() -> None:
+    assert _LOG_SQL.search("SELECT seq, name FROM events WHERE seq > ?")
+    assert _LOG_SQL.search("select value from meta where key = 'epoch'")
+    assert not _LOG_SQL.search("select the events to send from the outbox")
+
+
+def test_every_sql_statement_on_the_event_log_is_in_eventlog() -> None:
+    home = ROOT / "vmworker" / "eventlog.py"
+    assert _log_sql(home)
+    elsewhere = {str(path.relative_to(ROOT)): sql
+                 for package in ("supervisor", "vmworker", "protocol", "bench")
+                 for path in sorted((ROOT / package).rglob("*.py"))
+                 if path != home and (sql := _log_sql(path))}
+    assert elsewhere == {}
