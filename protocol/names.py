@@ -87,7 +87,6 @@ class AgentType(StrEnum):
 class WorkerPhase(StrEnum):
     """What a worker reports about its VM in `phase` messages."""
 
-    STARTING = "starting"
     BOOTING = "booting"
     READY = "ready"
     FAILED = "failed"

@@ -1,17 +1,22 @@
 """Actors: the registry and the one state machine that decides when workers run.
 
-Every state change goes through `Actor.transition`, and every worker exit through
-`ActorManager._watch`, which reaps the child. Actions are handed to a worker the moment
-it has said `hello`; before that they wait in a bounded queue, so nothing here ever
-awaits a worker on behalf of a connection being opened.
+Every state change goes through `Actor.transition`, which refuses any change that is not
+in `TRANSITIONS`, and every worker exit through `ActorManager._watch`, which reaps the
+child. Actions are handed to a worker the moment it has said `hello`; before that they
+wait in a bounded queue, so nothing here ever awaits a worker on behalf of a connection
+being opened.
 
     stopped ──spawn──▶ spawning ──hello──▶ booting ──phase ready──▶ ready
-       ▲                   │                  │                       │
+       ▲                   │                  │  └──phase failed──▶ boot_failed
+       │                   │                  │                       │
        │                   └──────exit────────┴──────────exit─────────┴──▶ crashed
        └─────────────── stopping ◀── sleep / shutdown                       │
                                                                 restart budget spent
                                                                             ▼
                                                                           failed
+
+A `boot_failed` actor's worker is alive and answers (its VM actions with
+`actor.failed`); it sleeps when idle like any other, and its next start boots again.
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ import signal
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -55,9 +60,33 @@ class ActorState(StrEnum):
     SPAWNING = "spawning"
     BOOTING = "booting"
     READY = "ready"
+    BOOT_FAILED = "boot_failed"
     STOPPING = "stopping"
     CRASHED = "crashed"
     FAILED = "failed"
+
+
+_S = ActorState
+# Every state change the manager may make, and no other (the table is the spec: a
+# change missing here is a bug, and `Actor.transition` says which one).
+TRANSITIONS: Final[Mapping[ActorState, frozenset[ActorState]]] = {
+    _S.STOPPED: frozenset({_S.SPAWNING}),
+    # STOPPED: stopped before its worker process existed.
+    _S.SPAWNING: frozenset({_S.BOOTING, _S.STOPPING, _S.STOPPED, _S.CRASHED, _S.FAILED}),
+    _S.BOOTING: frozenset({_S.READY, _S.BOOT_FAILED, _S.STOPPING, _S.CRASHED, _S.FAILED}),
+    _S.READY: frozenset({_S.STOPPING, _S.CRASHED, _S.FAILED}),
+    _S.BOOT_FAILED: frozenset({_S.STOPPING, _S.CRASHED, _S.FAILED}),
+    _S.STOPPING: frozenset({_S.STOPPED}),
+    _S.CRASHED: frozenset({_S.SPAWNING, _S.STOPPED}),
+    # STOPPED: reset by an operator.
+    _S.FAILED: frozenset({_S.STOPPED}),
+}
+RUNNING: Final = frozenset({_S.SPAWNING, _S.BOOTING, _S.READY, _S.BOOT_FAILED, _S.STOPPING})
+"""States in which a worker process exists or is being started."""
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that is not in TRANSITIONS: a bug in the manager, never the client's."""
 
 
 def actor_id_for(name: str, key: str) -> str:
@@ -114,14 +143,19 @@ class Actor:
     def transition(self, new: ActorState, **why: Any) -> None:
         if new is self.state:
             return
+        if new not in TRANSITIONS[self.state]:
+            allowed = ", ".join(sorted(TRANSITIONS[self.state]))
+            log.error("actor_state_illegal", actor=self.id, old=self.state.value, new=new.value,
+                      allowed=allowed, **why)
+            raise IllegalTransition(f"actor {self.id}: {self.state.value} -> {new.value} is not "
+                                    f"a legal transition (from {self.state.value}: {allowed})")
         log.info("actor_state", actor=self.id, key=self.key, old=self.state.value,
                  new=new.value, **why)
         self.state = new
 
     @property
     def running(self) -> bool:
-        return self.state in (ActorState.SPAWNING, ActorState.BOOTING, ActorState.READY,
-                              ActorState.STOPPING)
+        return self.state in RUNNING
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -246,7 +280,7 @@ class ActorManager:
             raise ActorvisorError(ErrorCode.STOPPED, "the service is shutting down; retry shortly")
         action = wire.Action(next(self._ids), name, list(args))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if actor.hello and actor.state in (ActorState.BOOTING, ActorState.READY):
+        if actor.hello and actor.state in (ActorState.BOOTING, ActorState.READY, ActorState.BOOT_FAILED):
             if not self._send(actor.id, action):
                 raise ActorvisorError(ErrorCode.OVERLOADED, "the actor's worker is not accepting messages")
         else:
@@ -305,7 +339,16 @@ class ActorManager:
         except OSError as exc:
             log.error("worker_spawn_failed", actor=actor.id, error=str(exc))
             self._fail_inflight(actor, ActorvisorError(ErrorCode.INTERNAL, f"could not start the worker: {exc}"))
-            actor.transition(ActorState.CRASHED, error=str(exc))
+            if actor.state is ActorState.SPAWNING:
+                actor.transition(ActorState.CRASHED, error=str(exc))
+            return
+        if actor.state is not ActorState.SPAWNING or actor.proc is not None:
+            # Stopped while its process was being started: that process is no one's
+            # worker. It drains as if told to sleep (it may have opened the log), and
+            # is reaped here.
+            log.info("worker_spawned_after_stop", actor=actor.id, pid=proc.pid, state=actor.state.value)
+            proc.signal_group(signal.SIGTERM)
+            self._own(asyncio.create_task(proc.wait(), name=f"reap-{actor.id}"))
             return
         actor.proc = proc
         actor.kill_reason = None
@@ -406,6 +449,8 @@ class ActorManager:
                 actor.phase = msg.phase
                 if msg.phase == WorkerPhase.FAILED:
                     log.error("vm_boot_failed", actor=actor.id, **msg.detail)
+                    if actor.state is ActorState.BOOTING:
+                        actor.transition(ActorState.BOOT_FAILED, **msg.detail)
                 if msg.phase == WorkerPhase.READY and actor.state is ActorState.BOOTING:
                     actor.transition(ActorState.READY, **msg.detail)
             case wire.WorkerEvent():
