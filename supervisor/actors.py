@@ -295,7 +295,12 @@ class ActorManager:
         return fut
 
     async def call(self, actor: Actor, name: str, args: list[Any]) -> Any:
-        fut = self.submit(actor, name, args)
+        return await self.reply(name, self.submit(actor, name, args))
+
+    async def reply(self, name: str, fut: asyncio.Future[Any]) -> Any:
+        """An action's reply, or `actor.action_timeout` after `action_timeout` seconds:
+        the one wait policy of every transport (HTTP and WebSocket alike). The action's
+        own future is left to the worker's late reply or its exit."""
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self._config.action_timeout)
         except TimeoutError:

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from protocol import worker as wire
+from protocol.client import ActionRequest, Encoding, ErrorMsg, decode_to_client
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ShutdownReason, WorkerPhase
 from supervisor.actors import TRANSITIONS, Actor, ActorManager, ActorState, IllegalTransition
 from supervisor.config import Config
+from supervisor.connections import Connection
 from supervisor.spawner import WorkerProcess, WorkerSpec
 from tests.support import eventually
 from vmworker.eventlog import log_path, read_events
@@ -235,3 +237,43 @@ async def test_stopped_while_its_worker_was_being_started(harness: Harness) -> N
     # That process is no one's worker: told to drain, and never the actor's.
     await eventually(lambda: worker.signals == [signal.SIGTERM], timeout=5)
     assert actor.state is ActorState.STOPPED and actor.proc is None
+
+
+class FakeSocket:
+    """The part of aiohttp's WebSocketResponse a connection writes to."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes | str] = []
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    async def send_str(self, data: str) -> None:
+        self.frames.append(data)
+
+    async def close(self, code: int = 1000, message: bytes = b"") -> bool:
+        return True
+
+
+async def test_http_and_websocket_actions_wait_for_a_reply_under_one_timeout(tmp_path: Path) -> None:
+    h = Harness(tmp_path, action_timeout=0.2)
+    actor = h.manager.get_or_create("vm", "mute")
+    ws = FakeSocket()
+    conn = Connection(ws, actor, h.manager, Encoding.JSON, 1 << 20,  # type: ignore[arg-type]
+                      opened_at=0.0, implicit_grace=0.0, implicit_window=0.0)
+    conn.writer = asyncio.create_task(conn.run_writer())
+    try:
+        await h.start(actor)
+        # HTTP actions (ActorManager.call) and WebSocket ones: the worker never answers.
+        with pytest.raises(ActorvisorError) as info:
+            await h.manager.call(actor, "exec", ["true"])
+        assert info.value.code is ErrorCode.ACTION_TIMEOUT
+        conn.handle(ActionRequest(7, "exec", ["true"]))
+        await eventually(lambda: ws.frames, timeout=5)
+        (reply,) = [decode_to_client(f, Encoding.JSON) for f in ws.frames]
+        assert isinstance(reply, ErrorMsg) and reply.action_id == 7
+        assert f"{reply.group}.{reply.code}" == ErrorCode.ACTION_TIMEOUT.value
+        assert reply.message == "exec got no reply within 0s"
+    finally:
+        await conn.aclose()
+        await h.manager.stop_all(1.0)
