@@ -305,7 +305,7 @@ class ActorManager:
             return await asyncio.wait_for(asyncio.shield(fut), self._config.action_timeout)
         except TimeoutError:
             raise ActorvisorError(ErrorCode.ACTION_TIMEOUT,
-                                  f"{name} got no reply within {self._config.action_timeout:.0f}s") from None
+                                  f"{name} got no reply within {self._config.action_timeout:g}s") from None
 
     # ---- lifecycle -----------------------------------------------------------------
 

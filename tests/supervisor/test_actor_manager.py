@@ -273,7 +273,7 @@ async def test_http_and_websocket_actions_wait_for_a_reply_under_one_timeout(tmp
         (reply,) = [decode_to_client(f, Encoding.JSON) for f in ws.frames]
         assert isinstance(reply, ErrorMsg) and reply.action_id == 7
         assert f"{reply.group}.{reply.code}" == ErrorCode.ACTION_TIMEOUT.value
-        assert reply.message == "exec got no reply within 0s"
+        assert reply.message == "exec got no reply within 0.2s"
     finally:
         await conn.aclose()
         await h.manager.stop_all(1.0)
