@@ -28,6 +28,7 @@ from .config import Config
 log = structlog.get_logger("supervisor.perimeter")
 
 OPEN_PATHS = frozenset({"/healthz", "/metadata"})
+PREVIEW_PREFIX = "/preview/"   # authenticated by its own token (supervisor/previewproxy.py)
 ACTION_TYPES = frozenset({"application/json", "application/cbor", "application/octet-stream"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -122,6 +123,10 @@ class Perimeter:
             return self._refuse(request, ErrorCode.FORBIDDEN,
                                 f"Host {host[:64]!r} is not this service's name; add it to "
                                 "allowed_hosts", 421)
+        if path.startswith(PREVIEW_PREFIX):
+            # A preview URL is a bearer capability: its signed token is the credential and
+            # the page it serves may call itself from its own origin (docs/network.md).
+            return await handler(request)
         origin = request.headers.get("Origin")
         if origin is not None and (is_ws or is_action or request.method != "GET") \
                 and origin not in self.config.allowed_origins:
