@@ -128,7 +128,10 @@ class Supervisor:
                              web.get("/admin/workers", self.admin_workers),
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
                              web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
-        self.previews = Previews(config, self.manager, self.perimeter.auth, self.runtime_dir / "ingress")
+        try:
+            self.previews = Previews(config, self.manager, self.perimeter.auth, self.runtime_dir / "ingress")
+        except ValueError as exc:   # a preview secret inside the state dir
+            raise VmHostError(str(exc)) from None
         self.app.add_routes(self.previews.routes())
         self.manager.local_actions[ActionName.CREATE_SIGNED_PREVIEW_URL] = self.previews.create
         self.manager.local_actions[ActionName.EXPIRE_SIGNED_PREVIEW_URL] = self.previews.expire
