@@ -119,6 +119,9 @@ async def test_preview_urls_reach_a_vm_server_and_nothing_else(make_supervisor: 
             assert r.status == 200 and "hello.txt" in await r.text()
         async with http.get(sup.url + made["path"] + "hello.txt") as r:
             assert (r.status, await r.text()) == (200, "hi from the vm")
+            assert r.headers["Server"].startswith("SimpleHTTP/")
+        async with http.post(sup.url + made["path"] + "x?y=1", data=b"a body") as r:
+            assert r.status == 501 and "Unsupported method ('POST')" in await r.text()
 
         ws = await client.action("vm", "a", "createSignedPreviewUrl", 8001, 60)
         ws_url = sup.url.replace("http://", "ws://") + ws["path"]
