@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,16 @@ async def test_preview_urls_reach_a_vm_server_and_nothing_else(make_supervisor: 
         ws = await client.action("vm", "a", "createSignedPreviewUrl", 8001, 60)
         ws_url = sup.url.replace("http://", "ws://") + ws["path"]
         assert await node_ws(ws_url) == {"echo": "hello preview"}
+
+        # The worker's ingress socket: the supervisor's alone, and it takes a port, nothing else.
+        ingress = sup.state_dir.parent / "run" / "ingress" / f"{actor_id_for('vm', 'a')}.sock"
+        assert stat.S_IMODE(ingress.stat().st_mode) == 0o600
+        for header, answer in ((b"99999\n", b"-"), (b"00000\n", b"-"), (b"8000 \n", b"-"),
+                               (b"08001\n", b"+")):
+            r, w = await asyncio.open_unix_connection(str(ingress))
+            w.write(header)
+            assert await r.read(1) == answer, header
+            w.close()
 
         # Forged or rebound to another actor: 403, and actor b is not even looked at.
         token = made["token"]
