@@ -121,12 +121,13 @@ class RevokedTokens:
         try:
             lines = path.read_text().splitlines()
         except FileNotFoundError:
-            lines = []
+            return
         for line in lines:
             nonce, _, expires = line.partition(" ")
             if expires.isdigit() and int(expires) > now:
                 self.nonces[nonce] = int(expires)
-        self._rewrite()
+        if len(self.nonces) < len(lines):
+            self._rewrite()
 
     def __contains__(self, nonce: object) -> bool:
         return nonce in self.nonces

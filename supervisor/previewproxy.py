@@ -115,7 +115,12 @@ class Previews:
 
     def secret(self) -> bytes:
         if self._secret is None:
-            self._secret = load_secret(self._secret_path)
+            try:
+                self._secret = load_secret(self._secret_path)
+            except (OSError, ValueError) as exc:
+                log.error("preview_secret_unavailable", path=str(self._secret_path), error=str(exc))
+                raise ActorvisorError(ErrorCode.INTERNAL, "the service's preview secret is "
+                                      "unavailable (see its log; docs/network.md)") from None
         return self._secret
 
     def routes(self) -> list[web.RouteDef]:
@@ -162,6 +167,8 @@ class Previews:
         token = request.match_info["token"]
         try:
             preview = check_preview_token(self.secret(), token, self.revoked)
+        except ActorvisorError as err:
+            return web.Response(status=500, text=f"{err.message}\n")
         except PreviewDenied as exc:
             log.info("preview_denied", reason=str(exc))   # never the token
             return web.Response(status=403, text=f"preview URL refused: {exc}\n")
