@@ -3,8 +3,9 @@
 One aiohttp middleware checks, in order: the `Host` header names this service (no DNS
 rebinding), a browser's `Origin` is allowlisted on actions and WebSocket upgrades, an
 HTTP action has a JSON/CBOR/octet-stream body (no CORS-simple `text/plain`), and, with
-tokens configured, the caller's token, role and key prefixes. A refusal happens here,
-before any actor is resolved or worker started; it never logs the token.
+tokens configured, the caller's token, role and key prefixes. `/preview/` passes after the
+`Host` check alone: its signed token is its credential (supervisor/previewproxy.py). A
+refusal happens here, before any actor is resolved or worker started; it never logs the token.
 """
 
 from __future__ import annotations

@@ -198,8 +198,11 @@ class Vm:
             try:
                 self._actor_policy = load_actor_policy(self.actor_dir)
             except PolicyError as exc:
-                # The supervisor writes only checked policies; keep the last good one.
+                # The supervisor writes only checked policies. Keep the last good one, or
+                # with none, deny everything: never fall back to a (perhaps wider) default.
                 log.error("actor_network_policy_unreadable", error=str(exc))
+                if self._actor_policy is None:
+                    self._actor_policy = Policy()
             self._policy_stamp = stamp
         return self._actor_policy if self._actor_policy is not None else self._default_policy
 
