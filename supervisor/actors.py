@@ -194,6 +194,8 @@ class ActorManager:
         self.actions_total = 0
         # Every VM's limits and identity range, completed for this host (VmSettings.to_arg).
         self.vm_settings = ""
+        # Actions the supervisor answers itself, without the worker (preview URLs).
+        self.local_actions: dict[str, Callable[[Actor, list[Any]], Any]] = {}
 
     # ---- registry ------------------------------------------------------------------
 
@@ -271,6 +273,14 @@ class ActorManager:
         except ValueError:
             raise ActorvisorError(ErrorCode.UNKNOWN_ACTION,
                                   f"the {actor.name} actor has no action {name[:64]!r}") from None
+        if (local := self.local_actions.get(name)) is not None:
+            answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            try:
+                answered.set_result(local(actor, list(args)))
+            except ActorvisorError as err:
+                answered.set_exception(err)
+            self.actions_total += 1
+            return answered
         if actor.state is ActorState.FAILED:
             raise ActorvisorError(ErrorCode.FAILED,
                                   f"actor {actor.id} crashed more than {self._config.restart_intensity} "

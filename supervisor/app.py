@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from aiohttp import WSCloseCode, web
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError
-from protocol.names import ShutdownReason
+from protocol.names import ActionName, ShutdownReason
 from vmworker.cgroups import CgroupRoot
 from vmworker.eventlog import log_path, session_counts
 from vmworker.netpolicy import Policy, PolicyError
@@ -43,7 +44,9 @@ from .fdlimit import raise_nofile_limit
 from .gateway import Gateway
 from .hub import WorkerHub
 from .limits import AcceptErrorLog, ConnectionLimiter
+from .netadmin import NetworkAdmin
 from .perimeter import Perimeter
+from .previewproxy import Previews
 from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
@@ -93,7 +96,7 @@ class Supervisor:
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
                                     self.hub.input_pending)
-        self.vm_settings = prepare_vms(config)
+        self.vm_settings = replace(prepare_vms(config), ingress_dir=str(self.runtime_dir / "ingress"))
         self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
         self.perimeter = Perimeter(config, Auth.from_config(config.auth_token, config.tokens,
@@ -105,6 +108,14 @@ class Supervisor:
                              web.get("/admin/workers", self.admin_workers),
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
                              web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
+        try:
+            self.previews = Previews(config, self.manager, self.perimeter.auth, self.runtime_dir / "ingress")
+        except ValueError as exc:   # a preview secret inside the state dir
+            raise VmHostError(str(exc)) from None
+        self.app.add_routes(self.previews.routes())
+        self.manager.local_actions[ActionName.CREATE_SIGNED_PREVIEW_URL] = self.previews.create
+        self.manager.local_actions[ActionName.EXPIRE_SIGNED_PREVIEW_URL] = self.previews.expire
+        self.app.add_routes(NetworkAdmin(self.manager, config).routes())
         self._runner: web.AppRunner | None = None
         self.limiter = ConnectionLimiter(config.max_connections,
                                          config.max_connections_per_address, config.header_timeout)
