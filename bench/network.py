@@ -108,7 +108,8 @@ async def preview_latency(requests: int) -> None:
 
             async def up() -> bool:
                 try:
-                    return (await client.action("vm", "bench", "vmFetch", 8000, "/hello.txt"))["status"] == 200
+                    answer = await client.action("vm", "bench", "vmFetch", 8000, "/hello.txt")
+                    return bool(answer["status"] == 200)
                 except ActorvisorError:
                     return False
             await eventually(up, timeout=30)
