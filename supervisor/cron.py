@@ -33,11 +33,12 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
+from pathlib import Path
+from typing import Any, Final, Protocol
 
 import structlog
 from croniter import CroniterError, croniter
@@ -46,8 +47,31 @@ from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ActionName
 from vmworker.cron import check_keys, parse_action
 
-if TYPE_CHECKING:
-    from .actors import Actor, ActorManager
+
+class Actor(Protocol):
+    """What the scheduler needs of an actor (supervisor.actors.Actor; not imported: actors
+    imports this module)."""
+
+    id: str
+
+    @property
+    def running(self) -> bool: ...
+
+
+class ActorManager(Protocol):
+    """What the scheduler needs of supervisor.actors.ActorManager."""
+
+    @property
+    def actors_dir(self) -> Path: ...
+
+    def all(self) -> Sequence[Actor]: ...
+
+    def get_by_id(self, actor_id: str) -> Actor: ...
+
+    def submit(self, actor: Any, name: str, args: list[Any], *,
+               internal: bool = False) -> asyncio.Future[Any]: ...
+
+    def _own(self, task: asyncio.Task[Any]) -> None: ...
 
 log = structlog.get_logger("supervisor.cron")
 
@@ -55,9 +79,6 @@ CRON_FILE: Final = "cron.json"
 MAX_JOBS_PER_ACTOR: Final = 64
 MAX_ID_CHARS: Final = 128
 MAX_SCHEDULE_CHARS: Final = 256
-
-SUPERVISOR_ACTIONS: Final = frozenset({ActionName.SCHEDULE_CRON, ActionName.LIST_CRON_JOBS,
-                                       ActionName.CANCEL_CRON_JOB})
 
 
 class Overlap(StrEnum):
@@ -277,20 +298,26 @@ class CronScheduler:
 
     # ---- actions -------------------------------------------------------------------
 
-    def handle(self, actor: Actor, name: str, args: list[Any]) -> Any:
-        """Answer one of SUPERVISOR_ACTIONS; raises ActorvisorError for bad input."""
-        if name == ActionName.SCHEDULE_CRON:
-            if len(args) != 1:
-                raise _invalid(f"scheduleCron takes 1 argument (options), got {len(args)}")
-            return self.schedule(actor.id, args[0])
-        if name == ActionName.LIST_CRON_JOBS:
-            if args:
-                raise _invalid(f"listCronJobs takes no arguments, got {len(args)}")
-            return [job.info() for job in self._jobs.get(actor.id, {}).values()]
+    def local_actions(self) -> dict[str, Callable[[Actor, list[Any]], Any]]:
+        """The cron actions, answered by the supervisor (`ActorManager.local_actions`)."""
+        return {ActionName.SCHEDULE_CRON: self._schedule_action,
+                ActionName.LIST_CRON_JOBS: self._list_action,
+                ActionName.CANCEL_CRON_JOB: self._cancel_action}
+
+    def _schedule_action(self, actor: Actor, args: list[Any]) -> dict[str, str]:
+        if len(args) != 1:
+            raise _invalid(f"scheduleCron takes 1 argument (options), got {len(args)}")
+        return self.schedule(actor.id, args[0])
+
+    def _list_action(self, actor: Actor, args: list[Any]) -> list[dict[str, Any]]:
+        if args:
+            raise _invalid(f"listCronJobs takes no arguments, got {len(args)}")
+        return [job.info() for job in self._jobs.get(actor.id, {}).values()]
+
+    def _cancel_action(self, actor: Actor, args: list[Any]) -> None:
         if len(args) != 1:
             raise _invalid(f"cancelCronJob takes 1 argument (id), got {len(args)}")
         self.cancel(actor.id, parse_id(args[0], "cancelCronJob: argument 1 (id)"))
-        return None
 
     def schedule(self, actor_id: str, options: object) -> dict[str, str]:
         what = "scheduleCron: argument 1 (options)"

@@ -184,7 +184,7 @@ def test_missed_runs_catch_up_once_at_start(tmp_path: Path) -> None:
         scheduler.start()
         assert scheduler._task is not None
         scheduler._task.cancel()
-        return {j["id"]: j for j in scheduler.handle(FakeActor(ACTOR), "listCronJobs", [])}  # type: ignore[arg-type]
+        return {j["id"]: j for j in scheduler.local_actions()["listCronJobs"](FakeActor(ACTOR), [])}  # type: ignore[arg-type]
 
     jobs = asyncio.run(start())
     assert jobs["late"]["nextRun"] <= time.time() * 1000  # due now: the one catch-up run

@@ -75,8 +75,8 @@ async def test_prompt_events_are_committed_ordered_before_reply_and_match_histor
     assert isinstance(history, list) and history[-1]["seq"] == seqs[-1]
     assert [(e["seq"], e["event"]) for e in history] == [
         (m.seq, m.payload["event"]) for m in turn_events]
-    assert all(m.payload == {"sessionId": session_id, "seq": m.seq, "event": m.payload["event"]}
-               for m in turn_events)
+    assert all(m.payload == {"sessionId": session_id, "seq": m.seq, "epoch": m.epoch,
+                             "event": m.payload["event"]} for m in turn_events)
 
 
 async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness: WorkerHarness) -> None:
@@ -96,7 +96,7 @@ async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness:
     await harness.send(Sleep())
     assert await harness.wait_exit() == 0
     shutdown = await harness.wait_event("vmShutdown")
-    assert shutdown.payload == {"reason": "sleep", "seq": shutdown.seq}
+    assert shutdown.payload == {"reason": "sleep", "seq": shutdown.seq, "epoch": shutdown.epoch}
     assert shutdown.seq == events(harness)[-1].seq
     prompt = await prompt_task
     assert prompt.ok and ours(prompt.value) == {"text": "You said: hi\n", "stopReason": "cancelled"}
