@@ -198,8 +198,7 @@ class ActorManager:
         # Actions the supervisor answers itself, without the worker (preview URLs).
         self.local_actions: dict[str, Callable[[Actor, list[Any]], Any]] = {}
         # Cron jobs of every actor, answered here too; started by the supervisor (`cron.start()`).
-        self.cron = CronScheduler(self, config.cron_min_interval, config.action_timeout,
-                                  config.max_running_actors)
+        self.cron = CronScheduler(self, config.cron_min_interval, config.max_running_actors)
         self.local_actions.update(self.cron.local_actions())
 
     # ---- registry ------------------------------------------------------------------

@@ -71,6 +71,8 @@ class ActorManager(Protocol):
     def submit(self, actor: Any, name: str, args: list[Any], *,
                internal: bool = False) -> asyncio.Future[Any]: ...
 
+    async def reply(self, name: str, fut: asyncio.Future[Any]) -> Any: ...
+
     def _own(self, task: asyncio.Task[Any]) -> None: ...
 
 log = structlog.get_logger("supervisor.cron")
@@ -249,12 +251,11 @@ class _Due:
 class CronScheduler:
     """Every actor's cron jobs: persisted per actor, fired from one heap by one task."""
 
-    def __init__(self, manager: ActorManager, min_interval_s: float, action_timeout: float,
-                 max_running: int = 0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, manager: ActorManager, min_interval_s: float, max_running: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._manager = manager
         self._max_running = max_running
         self._minimum = min_interval_s
-        self._action_timeout = action_timeout
         self._clock = clock
         self._jobs: dict[str, dict[str, CronJob]] = {}
         self._heap: list[_Due] = []
@@ -425,12 +426,10 @@ class CronScheduler:
             self._admit(actor)
             fut = self._manager.submit(actor, ActionName.RUN_CRON_JOB, [spec, job.last_run],
                                        internal=True)
-            await asyncio.wait_for(asyncio.shield(fut), self._action_timeout)
+            await self._manager.reply(ActionName.RUN_CRON_JOB, fut)
         except ActorvisorError as err:
             log.warning("cron_run_failed", actor=actor_id, job=job.id, code=err.code.value,
                         error=err.message)
-        except TimeoutError:
-            log.warning("cron_run_timeout", actor=actor_id, job=job.id)
         finally:
             job.running -= 1
             if job.queued and self._jobs.get(actor_id, {}).get(job.id) is job:
