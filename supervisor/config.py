@@ -124,6 +124,9 @@ class Config:
         if self.permission_policy not in ("ask", "allow_all"):
             raise ValueError(f"permission_policy must be 'ask' or 'allow_all', "
                              f"got {self.permission_policy!r}")
+        if not self.cron_min_interval >= 0:
+            raise ValueError(f"cron_min_interval must be a number of seconds >= 0, "
+                             f"got {self.cron_min_interval!r}")
 
     @property
     def listen(self) -> str:
