@@ -47,6 +47,13 @@ from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ActionName
 from vmworker.cron import check_keys, parse_action
 
+log = structlog.get_logger("supervisor.cron")
+
+CRON_FILE: Final = "cron.json"
+MAX_JOBS_PER_ACTOR: Final = 64
+MAX_ID_CHARS: Final = 128
+MAX_SCHEDULE_CHARS: Final = 256
+
 
 class Actor(Protocol):
     """What the scheduler needs of an actor (supervisor.actors.Actor; not imported: actors
@@ -74,13 +81,6 @@ class ActorManager(Protocol):
     async def reply(self, name: str, fut: asyncio.Future[Any]) -> Any: ...
 
     def _own(self, task: asyncio.Task[Any]) -> None: ...
-
-log = structlog.get_logger("supervisor.cron")
-
-CRON_FILE: Final = "cron.json"
-MAX_JOBS_PER_ACTOR: Final = 64
-MAX_ID_CHARS: Final = 128
-MAX_SCHEDULE_CHARS: Final = 256
 
 
 class Overlap(StrEnum):
