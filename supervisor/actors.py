@@ -36,9 +36,9 @@ import structlog
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
-from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
+from protocol.names import ACTOR_KINDS, ActionName, ShutdownReason, WorkerPhase
 from vmworker import actorlock, vmroot
-from vmworker.eventlog import EventLog, EventRecord, now_ms
+from vmworker.eventlog import EventLog, EventRecord
 
 from . import metrics
 from .config import Config
@@ -50,16 +50,14 @@ log = structlog.get_logger("supervisor.actors")
 MAX_KEY_BYTES = 512
 
 
-def append_event(db_path: Path, name: str, payload: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
-    """Append one event to an actor's log on behalf of a worker that is gone (blocking),
-    holding the actor's lock: never beside a living writer."""
+def append_shutdown(db_path: Path, reason: ShutdownReason) -> tuple[str, EventRecord | None]:
+    """`vmShutdown{reason}` for a worker that is gone, unless its run already has one
+    (blocking). Holds the actor's lock: never beside a living writer, and whoever holds it
+    next sees this record and adds none (EventLog.close_unended_run)."""
     with actorlock.held(db_path.parent):
         event_log = EventLog.open(db_path)
         try:
-            seq = event_log.last_seq + 1
-            full = {**payload, "seq": seq}
-            event_log.write_batch([EventRecord(seq, name, None, full, now_ms())], [])
-            return event_log.epoch, seq, full
+            return event_log.epoch, event_log.close_unended_run(reason.value)
         finally:
             event_log.close()
 
@@ -373,14 +371,14 @@ class ActorManager:
         still has exactly one writer.
         """
         try:
-            record = await asyncio.to_thread(append_event, actor.dir / "events.db",
-                                             EventName.VM_SHUTDOWN, {"reason": reason.value})
+            epoch, record = await asyncio.to_thread(append_shutdown, actor.dir / "events.db", reason)
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             log.error("shutdown_record_failed", actor=actor.id, error=str(exc))
             return
-        epoch, seq, payload = record
-        if actor.relay.last_seq is None or seq > actor.relay.last_seq:
-            actor.relay.publish(seq, epoch, EventName.VM_SHUTDOWN, payload)
+        if record is None:
+            return  # the run had logged its own (or wrote nothing)
+        if actor.relay.last_seq is None or record.seq > actor.relay.last_seq:
+            actor.relay.publish(record.seq, epoch, record.name, record.payload)
 
     def _fail_inflight(self, actor: Actor, error: ActorvisorError, keep: Collection[int] = ()) -> None:
         actor.pending.clear()

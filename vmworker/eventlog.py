@@ -37,8 +37,11 @@ from typing import Any, Final
 
 import cbor2
 
+from protocol.names import EventName
+
 SCHEMA_VERSION: Final = 1
 MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
+VM_SHUTDOWN: Final = EventName.VM_SHUTDOWN.value
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -208,6 +211,23 @@ class EventLog:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def close_unended_run(self, reason: str) -> EventRecord | None:
+        """Append `vmShutdown{reason}` for the last worker run on this log if it ended
+        without one (killed, or orphaned before it could commit its own), and return it.
+
+        A run's last event is its `vmShutdown`, so a log whose last event is anything else
+        belongs to a run that ended unrecorded; an empty log has no run to close. Whoever
+        next holds the actor's lock calls this (the supervisor for a reaped worker, a new
+        worker before its own first event): exactly one `vmShutdown` per run, never two.
+        """
+        row = self._conn.execute("SELECT name FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None or row[0] == VM_SHUTDOWN:
+            return None
+        seq = self.last_seq + 1
+        record = EventRecord(seq, VM_SHUTDOWN, None, {"reason": reason, "seq": seq}, now_ms())
+        self.write_batch([record], [])
+        return record
 
     def load_sessions(self) -> list[SessionRow]:
         rows = self._conn.execute(
