@@ -116,3 +116,18 @@ def test_encoded_rows_are_stored_verbatim_and_keep_the_seq_contract(tmp_path: Pa
     assert [e.payload for e in reader.read(0, 10).events] == [cbor2.loads(b) for b in blobs]
     reader.close()
     log.close()
+
+
+def test_a_run_that_ended_unrecorded_is_closed_once(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    assert log.close_unended_run("crash") is None  # no run has written anything yet
+    log.write_batch([record(1, "vmBooted"), record(2, "sessionEvent", "s1")], [])
+    closed = log.close_unended_run("crash")
+    assert closed is not None and (closed.seq, closed.name) == (3, "vmShutdown")
+    assert closed.payload == {"reason": "crash", "seq": 3}
+    # Whoever comes next sees the run closed and adds nothing, even after a reopen.
+    assert log.close_unended_run("crash") is None
+    log.close()
+    log = EventLog.open(tmp_path / "events.db")
+    assert (log.last_seq, log.close_unended_run("hang")) == (3, None)
+    log.close()
