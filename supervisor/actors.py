@@ -50,14 +50,16 @@ log = structlog.get_logger("supervisor.actors")
 MAX_KEY_BYTES = 512
 
 
-def append_shutdown(db_path: Path, reason: ShutdownReason) -> tuple[str, EventRecord | None]:
-    """`vmShutdown{reason}` for a worker that is gone, unless its run already has one
-    (blocking). Holds the actor's lock: never beside a living writer, and whoever holds it
-    next sees this record and adds none (EventLog.close_unended_run)."""
+def append_shutdown(db_path: Path, reason: ShutdownReason,
+                    run_from: int | None) -> tuple[str, EventRecord | None]:
+    """`vmShutdown{reason}` for a worker that is gone, unless its run (which began after
+    `run_from`, the last seq of its hello) already has one (blocking). Holds the actor's
+    lock: never beside a living writer, and whoever holds it next sees this record and
+    adds none (EventLog.close_unended_run)."""
     with actorlock.held(db_path.parent):
         event_log = EventLog.open(db_path)
         try:
-            return event_log.epoch, event_log.close_unended_run(reason.value)
+            return event_log.epoch, event_log.close_unended_run(reason.value, run_from)
         finally:
             event_log.close()
 
@@ -105,6 +107,7 @@ class Actor:
     phase: str | None = None
     proc: WorkerProcess | None = None
     hello: bool = False
+    run_from: int | None = None  # the log's last seq in the running worker's hello
     generation: int = 0
     restarts: deque[float] = field(default_factory=deque)
     pending: deque[wire.Action] = field(default_factory=deque)
@@ -279,6 +282,7 @@ class ActorManager:
             return
         actor.transition(ActorState.SPAWNING)
         actor.hello = False
+        actor.run_from = None
         actor.stop_reason = None
         self._own(asyncio.create_task(self._spawn(actor), name=f"spawn-{actor.id}"))
 
@@ -326,6 +330,7 @@ class ActorManager:
         proc.signal_group(signal.SIGKILL)
         actor.proc = None
         actor.hello = False
+        run_from, actor.run_from = actor.run_from, None
         actor.phase = None
         if actor.state is ActorState.STOPPING:
             # Actions that arrived while it was going to sleep never reached it: they
@@ -360,18 +365,19 @@ class ActorManager:
             return  # it logged its vmShutdown itself, or never opened the log
         actor.quiet.clear()
         try:
-            await self._record_shutdown(actor, reason)
+            await self._record_shutdown(actor, reason, run_from)
         finally:
             actor.quiet.set()
 
-    async def _record_shutdown(self, actor: Actor, reason: ShutdownReason) -> None:
+    async def _record_shutdown(self, actor: Actor, reason: ShutdownReason, run_from: int | None) -> None:
         """Write `vmShutdown` for a worker that could not, then relay it.
 
         The worker is reaped, and no new one starts until this returns, so the event log
         still has exactly one writer.
         """
         try:
-            epoch, record = await asyncio.to_thread(append_shutdown, actor.dir / "events.db", reason)
+            epoch, record = await asyncio.to_thread(append_shutdown, actor.dir / "events.db",
+                                                    reason, run_from)
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             log.error("shutdown_record_failed", actor=actor.id, error=str(exc))
             return
@@ -430,6 +436,7 @@ class ActorManager:
         if actor.proc is not None and hello.pid != actor.proc.pid:
             log.warning("worker_hello_pid_mismatch", actor=actor.id, pid=hello.pid)
         actor.hello = True
+        actor.run_from = hello.last_seq
         actor.relay.on_worker_hello(hello.epoch, hello.last_seq)
         if actor.state is ActorState.SPAWNING:
             actor.transition(ActorState.BOOTING, pid=hello.pid)

@@ -212,17 +212,21 @@ class EventLog:
             conn.execute("ROLLBACK")
             raise
 
-    def close_unended_run(self, reason: str) -> EventRecord | None:
+    def close_unended_run(self, reason: str, run_from: int | None = None) -> EventRecord | None:
         """Append `vmShutdown{reason}` for the last worker run on this log if it ended
         without one (killed, or orphaned before it could commit its own), and return it.
 
         A run's last event is its `vmShutdown`, so a log whose last event is anything else
-        belongs to a run that ended unrecorded; an empty log has no run to close. Whoever
-        next holds the actor's lock calls this (the supervisor for a reaped worker, a new
-        worker before its own first event): exactly one `vmShutdown` per run, never two.
+        belongs to a run that ended unrecorded; an empty log has no run to close. A caller
+        that knows where the run began (`run_from`: the log's last seq in the run's hello)
+        also closes a run that wrote nothing after it. Whoever next holds the actor's lock
+        calls this (the supervisor for a reaped worker, a new worker before its own first
+        event): exactly one `vmShutdown` per run, never two.
         """
-        row = self._conn.execute("SELECT name FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-        if row is None or row[0] == VM_SHUTDOWN:
+        row = self._conn.execute("SELECT seq, name FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None and run_from is None:
+            return None
+        if row is not None and row[1] == VM_SHUTDOWN and (run_from is None or row[0] > run_from):
             return None
         seq = self.last_seq + 1
         record = EventRecord(seq, VM_SHUTDOWN, None, {"reason": reason, "seq": seq}, now_ms())

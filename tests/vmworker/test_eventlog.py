@@ -130,4 +130,12 @@ def test_a_run_that_ended_unrecorded_is_closed_once(tmp_path: Path) -> None:
     log.close()
     log = EventLog.open(tmp_path / "events.db")
     assert (log.last_seq, log.close_unended_run("hang")) == (3, None)
+    # A run known to have begun at seq 3 (its hello said so) that wrote nothing since is
+    # closed too; its own goodbye, once written, is not doubled.
+    hung = log.close_unended_run("hang", run_from=3)
+    assert hung is not None and (hung.seq, hung.payload["reason"]) == (4, "hang")
+    assert log.close_unended_run("crash", run_from=3) is None
     log.close()
+    fresh = EventLog.open(tmp_path / "fresh.db")
+    assert fresh.close_unended_run("hang", run_from=0) is not None  # hello'd, then killed
+    fresh.close()
