@@ -129,24 +129,34 @@ class Holders:
                     holders.add(int(fields[4]))
         return holders
 
-    def _openers(self) -> dict[int, list[str]]:
-        """The process groups with the log open: a worker leads its own, and a child it
-        forks shares the worker's fds until it execs."""
+    def _has_open(self, pid: str) -> bool:
         target = str(self.db)
-        found: dict[int, list[str]] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) in (*self.supervisors, os.getpid()):
-                continue
-            try:
-                fds = os.scandir(f"/proc/{entry.name}/fd")
-                with fds:
-                    if any(os.readlink(fd.path) == target for fd in fds):
-                        with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
-                            cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")[:80]
-                        found.setdefault(os.getpgid(int(entry.name)), []).append(f"{entry.name}: {cmdline}")
-            except OSError:
-                continue
-        return found
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as fds:
+                return any(os.readlink(fd.path) == target for fd in fds)
+        except OSError:
+            return False
+
+    def _openers(self) -> dict[int, list[str]]:
+        """The process groups with the log open at once: a worker leads its own (a child
+        it forks shares its fds until it execs).
+
+        One walk of /proc is not a snapshot: a worker that exits early in it and its
+        successor found later were never open together. So the pids found are looked at
+        again: one seen open in both walks was open all the time between (a worker opens
+        its log once), and two such were open together."""
+        found = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()
+                 and int(entry.name) not in (*self.supervisors, os.getpid()) and self._has_open(entry.name)]
+        groups: dict[int, list[str]] = {}
+        for pid in found:
+            if self._has_open(pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+                    groups.setdefault(os.getpgid(int(pid)), []).append(f"{pid}: {cmdline}")
+                except OSError:
+                    continue
+        return groups
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
