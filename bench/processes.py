@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import pty
 import statistics
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,9 +40,9 @@ def pct(values: list[float], q: float) -> float:
 def local_throughput(size: int) -> float:
     started = time.perf_counter()
     proc = subprocess.Popen(["sh", "-c", f"head -c {size} /dev/zero | cat"], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
+    stdout = cast(io.BufferedReader, proc.stdout)
     got = 0
-    while chunk := proc.stdout.read1(1 << 16):
+    while chunk := stdout.read1(1 << 16):
         got += len(chunk)
     proc.wait()
     assert got == size

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -44,7 +45,7 @@ from protocol.client import (  # noqa: E402
 )
 from tests.support import SupervisorProc, free_port  # noqa: E402
 
-SUBSCRIBE = encode_to_server(SubscriptionRequest("sessionEvent", True), Encoding.CBOR)
+SUBSCRIBE = cast(bytes, encode_to_server(SubscriptionRequest("sessionEvent", True), Encoding.CBOR))
 
 
 # ---- client process: K connections, count frames, report when all have N -------------
@@ -74,7 +75,7 @@ async def client_main(url: str, conns: int, frames: int, ready_file: str) -> Non
             await ws.close()
 
 
-def start_clients(url: str, subscribers: int, frames: int, procs: int, tmp: Path) -> list[tuple[subprocess.Popen, Path]]:
+def start_clients(url: str, subscribers: int, frames: int, procs: int, tmp: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
     per = [subscribers // procs + (1 if i < subscribers % procs else 0) for i in range(procs)]
     started = []
     for i, count in enumerate(c for c in per if c):
@@ -90,8 +91,8 @@ def start_clients(url: str, subscribers: int, frames: int, procs: int, tmp: Path
     return started
 
 
-def finish_clients(started: list[tuple[subprocess.Popen, Path]]) -> float:
-    ends = []
+def finish_clients(started: list[tuple[subprocess.Popen[bytes], Path]]) -> float:
+    ends: list[float] = []
     for proc, _ in started:
         out, _ = proc.communicate(timeout=300)
         ends.append(json.loads(out.decode().strip().splitlines()[-1])["done"])
@@ -178,7 +179,7 @@ async def latency(sup: SupervisorProc, subscribers: int, count: int, rate: float
         for _ in range(subscribers):
             conn = await client.connect("vm", key, reconnect=False)
 
-            def on_event(payload: dict) -> None:
+            def on_event(payload: dict[str, Any]) -> None:
                 text = payload["event"]["params"]["update"].get("content", {}).get("text", "")
                 if " at " in text and payload["event"]["params"]["update"]["sessionUpdate"] == "agent_message_chunk":
                     delays.append(time.time() - float(text.rsplit(" at ", 1)[1]))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -60,6 +61,7 @@ async def wait_all_booted(sup: SupervisorProc, count: int) -> None:
 
 
 def worker_memory(sup: SupervisorProc) -> tuple[list[float], list[float]]:
+    assert sup.proc is not None
     rss, uss = [], []
     for proc in psutil.Process(sup.proc.pid).children(recursive=True):
         try:
@@ -75,7 +77,7 @@ def worker_memory(sup: SupervisorProc) -> tuple[list[float], list[float]]:
     return rss, uss
 
 
-async def run_spawner(kind: str, actors: int, tmp: Path) -> dict:
+async def run_spawner(kind: str, actors: int, tmp: Path) -> dict[str, Any]:
     sup = SupervisorProc(tmp / kind, free_port(), ["--spawner", kind, "--log-level", "warning", *UNCAPPED], dict(os.environ))
     sup.start()
     try:

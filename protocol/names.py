@@ -44,6 +44,8 @@ class ActionName(StrEnum):
     LIST_SHELLS = "listShells"
     GET_NETWORK_POLICY = "getNetworkPolicy"
     VM_FETCH = "vmFetch"
+    CREATE_SIGNED_PREVIEW_URL = "createSignedPreviewUrl"   # answered by the supervisor
+    EXPIRE_SIGNED_PREVIEW_URL = "expireSignedPreviewUrl"   # answered by the supervisor
     # agentOS parity (docs/agentos-parity.md)
     PROMPT = "prompt"
     CANCEL_SESSION = "cancelSession"
@@ -87,7 +89,6 @@ class AgentType(StrEnum):
 class WorkerPhase(StrEnum):
     """What a worker reports about its VM in `phase` messages."""
 
-    STARTING = "starting"
     BOOTING = "booting"
     READY = "ready"
     FAILED = "failed"

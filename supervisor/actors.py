@@ -1,17 +1,22 @@
 """Actors: the registry and the one state machine that decides when workers run.
 
-Every state change goes through `Actor.transition`, and every worker exit through
-`ActorManager._watch`, which reaps the child. Actions are handed to a worker the moment
-it has said `hello`; before that they wait in a bounded queue, so nothing here ever
-awaits a worker on behalf of a connection being opened.
+Every state change goes through `Actor.transition`, which refuses any change that is not
+in `TRANSITIONS`, and every worker exit through `ActorManager._watch`, which reaps the
+child. Actions are handed to a worker the moment it has said `hello`; before that they
+wait in a bounded queue, so nothing here ever awaits a worker on behalf of a connection
+being opened.
 
     stopped ──spawn──▶ spawning ──hello──▶ booting ──phase ready──▶ ready
-       ▲                   │                  │                       │
+       ▲                   │                  │  └──phase failed──▶ boot_failed
+       │                   │                  │                       │
        │                   └──────exit────────┴──────────exit─────────┴──▶ crashed
        └─────────────── stopping ◀── sleep / shutdown                       │
                                                                 restart budget spent
                                                                             ▼
                                                                           failed
+
+A `boot_failed` actor's worker is alive and answers (its VM actions with
+`actor.failed`); it sleeps when idle like any other, and its next start boots again.
 """
 
 from __future__ import annotations
@@ -26,19 +31,19 @@ import signal
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ACTOR_KINDS, ActionName, ShutdownReason, WorkerPhase
-from vmworker import actorlock, vmroot
-from vmworker.eventlog import EventLog, EventRecord
+from vmworker import vmroot
+from vmworker.eventlog import append_for_dead_worker, log_path
 
 from . import metrics
 from .config import Config
@@ -50,28 +55,38 @@ log = structlog.get_logger("supervisor.actors")
 MAX_KEY_BYTES = 512
 
 
-def append_shutdown(db_path: Path, reason: ShutdownReason,
-                    run_from: int | None) -> tuple[str, EventRecord | None]:
-    """`vmShutdown{reason}` for a worker that is gone, unless its run (which began after
-    `run_from`, the last seq of its hello) already has one (blocking). Holds the actor's
-    lock: never beside a living writer, and whoever holds it next sees this record and
-    adds none (EventLog.close_unended_run)."""
-    with actorlock.held(db_path.parent):
-        event_log = EventLog.open(db_path)
-        try:
-            return event_log.epoch, event_log.close_unended_run(reason.value, run_from)
-        finally:
-            event_log.close()
-
-
 class ActorState(StrEnum):
     STOPPED = "stopped"
     SPAWNING = "spawning"
     BOOTING = "booting"
     READY = "ready"
+    BOOT_FAILED = "boot_failed"
     STOPPING = "stopping"
     CRASHED = "crashed"
     FAILED = "failed"
+
+
+_S = ActorState
+# Every state change the manager may make, and no other (the table is the spec: a
+# change missing here is a bug, and `Actor.transition` says which one).
+TRANSITIONS: Final[Mapping[ActorState, frozenset[ActorState]]] = {
+    _S.STOPPED: frozenset({_S.SPAWNING}),
+    # STOPPED: stopped before its worker process existed.
+    _S.SPAWNING: frozenset({_S.BOOTING, _S.STOPPING, _S.STOPPED, _S.CRASHED, _S.FAILED}),
+    _S.BOOTING: frozenset({_S.READY, _S.BOOT_FAILED, _S.STOPPING, _S.CRASHED, _S.FAILED}),
+    _S.READY: frozenset({_S.STOPPING, _S.CRASHED, _S.FAILED}),
+    _S.BOOT_FAILED: frozenset({_S.STOPPING, _S.CRASHED, _S.FAILED}),
+    _S.STOPPING: frozenset({_S.STOPPED}),
+    _S.CRASHED: frozenset({_S.SPAWNING, _S.STOPPED}),
+    # STOPPED: reset by an operator.
+    _S.FAILED: frozenset({_S.STOPPED}),
+}
+RUNNING: Final = frozenset({_S.SPAWNING, _S.BOOTING, _S.READY, _S.BOOT_FAILED, _S.STOPPING})
+"""States in which a worker process exists or is being started."""
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that is not in TRANSITIONS: a bug in the manager, never the client's."""
 
 
 def actor_id_for(name: str, key: str) -> str:
@@ -129,14 +144,19 @@ class Actor:
     def transition(self, new: ActorState, **why: Any) -> None:
         if new is self.state:
             return
+        if new not in TRANSITIONS[self.state]:
+            allowed = ", ".join(sorted(TRANSITIONS[self.state]))
+            log.error("actor_state_illegal", actor=self.id, old=self.state.value, new=new.value,
+                      allowed=allowed, **why)
+            raise IllegalTransition(f"actor {self.id}: {self.state.value} -> {new.value} is not "
+                                    f"a legal transition (from {self.state.value}: {allowed})")
         log.info("actor_state", actor=self.id, key=self.key, old=self.state.value,
                  new=new.value, **why)
         self.state = new
 
     @property
     def running(self) -> bool:
-        return self.state in (ActorState.SPAWNING, ActorState.BOOTING, ActorState.READY,
-                              ActorState.STOPPING)
+        return self.state in RUNNING
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -175,6 +195,8 @@ class ActorManager:
         self.actions_total = 0
         # Every VM's limits and identity range, completed for this host (VmSettings.to_arg).
         self.vm_settings = ""
+        # Actions the supervisor answers itself, without the worker (preview URLs).
+        self.local_actions: dict[str, Callable[[Actor, list[Any]], Any]] = {}
 
     # ---- registry ------------------------------------------------------------------
 
@@ -184,6 +206,15 @@ class ActorManager:
 
     def all(self) -> list[Actor]:
         return list(self._actors.values())
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many known actors are in each state: every state, zeros included, in the
+        order they are declared. The one count behind the metrics, the systemd status
+        line and `/admin/workers`."""
+        counts = {state.value: 0 for state in ActorState}
+        for actor in self._actors.values():
+            counts[actor.state.value] += 1
+        return counts
 
     def get_or_create(self, name: str, key: str, *, create: bool = True) -> Actor:
         validate_name(name)
@@ -225,7 +256,7 @@ class ActorManager:
         return self._register(actor_id, meta["name"], meta["key"], actor_dir)
 
     def _register(self, actor_id: str, name: str, key: str, actor_dir: Path) -> Actor:
-        relay = ActorRelay(actor_id, actor_dir / "events.db", self._config.ring_size)
+        relay = ActorRelay(actor_id, log_path(actor_dir), self._config.ring_size)
         actor = Actor(actor_id, name, key, actor_dir, relay)
         self._actors[actor_id] = actor
         return actor
@@ -243,6 +274,14 @@ class ActorManager:
         except ValueError:
             raise ActorvisorError(ErrorCode.UNKNOWN_ACTION,
                                   f"the {actor.name} actor has no action {name[:64]!r}") from None
+        if (local := self.local_actions.get(name)) is not None:
+            answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            try:
+                answered.set_result(local(actor, list(args)))
+            except ActorvisorError as err:
+                answered.set_exception(err)
+            self.actions_total += 1
+            return answered
         if actor.state is ActorState.FAILED:
             raise ActorvisorError(ErrorCode.FAILED,
                                   f"actor {actor.id} crashed more than {self._config.restart_intensity} "
@@ -252,7 +291,7 @@ class ActorManager:
             raise ActorvisorError(ErrorCode.STOPPED, "the service is shutting down; retry shortly")
         action = wire.Action(next(self._ids), name, list(args))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if actor.hello and actor.state in (ActorState.BOOTING, ActorState.READY):
+        if actor.hello and actor.state in (ActorState.BOOTING, ActorState.READY, ActorState.BOOT_FAILED):
             if not self._send(actor.id, action):
                 raise ActorvisorError(ErrorCode.OVERLOADED, "the actor's worker is not accepting messages")
         else:
@@ -267,12 +306,17 @@ class ActorManager:
         return fut
 
     async def call(self, actor: Actor, name: str, args: list[Any]) -> Any:
-        fut = self.submit(actor, name, args)
+        return await self.reply(name, self.submit(actor, name, args))
+
+    async def reply(self, name: str, fut: asyncio.Future[Any]) -> Any:
+        """An action's reply, or `actor.action_timeout` after `action_timeout` seconds:
+        the one wait policy of every transport (HTTP and WebSocket alike). The action's
+        own future is left to the worker's late reply or its exit."""
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self._config.action_timeout)
         except TimeoutError:
             raise ActorvisorError(ErrorCode.ACTION_TIMEOUT,
-                                  f"{name} got no reply within {self._config.action_timeout:.0f}s") from None
+                                  f"{name} got no reply within {self._config.action_timeout:g}s") from None
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -312,7 +356,16 @@ class ActorManager:
         except OSError as exc:
             log.error("worker_spawn_failed", actor=actor.id, error=str(exc))
             self._fail_inflight(actor, ActorvisorError(ErrorCode.INTERNAL, f"could not start the worker: {exc}"))
-            actor.transition(ActorState.CRASHED, error=str(exc))
+            if actor.state is ActorState.SPAWNING:
+                actor.transition(ActorState.CRASHED, error=str(exc))
+            return
+        if actor.state is not ActorState.SPAWNING or actor.proc is not None:
+            # Stopped while its process was being started: that process is no one's
+            # worker. It drains as if told to sleep (it may have opened the log), and
+            # is reaped here.
+            log.info("worker_spawned_after_stop", actor=actor.id, pid=proc.pid, state=actor.state.value)
+            proc.signal_group(signal.SIGTERM)
+            self._own(asyncio.create_task(proc.wait(), name=f"reap-{actor.id}"))
             return
         actor.proc = proc
         actor.kill_reason = None
@@ -376,15 +429,15 @@ class ActorManager:
         still has exactly one writer.
         """
         try:
-            epoch, record = await asyncio.to_thread(append_shutdown, actor.dir / "events.db",
-                                                    reason, run_from)
+            record = await asyncio.to_thread(append_for_dead_worker, log_path(actor.dir),
+                                             reason.value, run_from)
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             log.error("shutdown_record_failed", actor=actor.id, error=str(exc))
             return
         if record is None:
-            return  # the run had logged its own (or wrote nothing)
+            return  # the run had logged its own
         if actor.relay.last_seq is None or record.seq > actor.relay.last_seq:
-            actor.relay.publish(record.seq, epoch, record.name, record.payload)
+            actor.relay.publish(record.seq, record.payload["epoch"], record.name, record.payload)
 
     def _fail_inflight(self, actor: Actor, error: ActorvisorError, keep: Collection[int] = ()) -> None:
         actor.pending.clear()
@@ -416,6 +469,8 @@ class ActorManager:
                 actor.phase = msg.phase
                 if msg.phase == WorkerPhase.FAILED:
                     log.error("vm_boot_failed", actor=actor.id, **msg.detail)
+                    if actor.state is ActorState.BOOTING:
+                        actor.transition(ActorState.BOOT_FAILED, **msg.detail)
                 if msg.phase == WorkerPhase.READY and actor.state is ActorState.BOOTING:
                     actor.transition(ActorState.READY, **msg.detail)
             case wire.WorkerEvent():

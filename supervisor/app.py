@@ -8,7 +8,7 @@ Under systemd it tells the service manager `READY=1` the moment it listens (neve
 VM), keeps `STATUS=` current, pings the watchdog only while its event loop and periodic
 tick are alive, and says `STOPPING=1` when the drain begins. The operations routes
 (`/metrics`, `/admin/workers`) read in-memory state; the one file read (open sessions
-from each actor's log) runs in a thread.
+from each actor's log, `eventlog.session_counts`) runs in a thread.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import asyncio
 import os
 import shutil
 import signal
-import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,14 @@ from aiohttp import WSCloseCode, web
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError
-from protocol.names import ShutdownReason
+from protocol.names import ActionName, ShutdownReason
 from vmworker.cgroups import CgroupRoot
+from vmworker.eventlog import log_path, session_counts
 from vmworker.netpolicy import Policy, PolicyError
 from vmworker.vm import VmSettings, refusal
 
 from . import __version__, metrics
-from .actors import Actor, ActorManager, ActorState
+from .actors import Actor, ActorManager
 from .auth import Auth
 from .config import Config, make_private_runtime_dir, remove_stale_runtime_dirs
 from .connections import CLOSE_GOING_AWAY
@@ -43,32 +44,14 @@ from .fdlimit import raise_nofile_limit
 from .gateway import Gateway
 from .hub import WorkerHub
 from .limits import AcceptErrorLog, ConnectionLimiter
+from .netadmin import NetworkAdmin
 from .perimeter import Perimeter
+from .previewproxy import Previews
 from .sdnotify import Notifier, inherited_sockets
 from .spawner import Spawner, SubprocessSpawner
 from .zygote import ZygoteSpawner
 
 log = structlog.get_logger("supervisor")
-
-
-def session_counts(db_paths: list[Path]) -> list[tuple[int, int] | None]:
-    """(open, running) sessions per actor log, read-only (blocking: call it in a thread)."""
-    counts: list[tuple[int, int] | None] = []
-    for path in db_paths:
-        if not path.exists():
-            counts.append((0, 0))
-            continue
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-            try:
-                row = conn.execute("SELECT count(*), coalesce(sum(status = 'running'), 0)"
-                                   " FROM sessions WHERE status != 'closed'").fetchone()
-            finally:
-                conn.close()
-            counts.append((int(row[0]), int(row[1])))
-        except sqlite3.Error:
-            counts.append(None)
-    return counts
 
 
 class VmHostError(Exception):
@@ -116,7 +99,7 @@ class Supervisor:
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
                                     self.hub.input_pending)
-        self.vm_settings = prepare_vms(config)
+        self.vm_settings = replace(prepare_vms(config), ingress_dir=str(self.runtime_dir / "ingress"))
         self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
         self.perimeter = Perimeter(config, Auth.from_config(config.auth_token, config.tokens,
@@ -128,6 +111,14 @@ class Supervisor:
                              web.get("/admin/workers", self.admin_workers),
                              web.post("/admin/actors/{actor_id}/reset", self.admin_reset),
                              web.post("/admin/actors/{actor_id}/sleep", self.admin_sleep)])
+        try:
+            self.previews = Previews(config, self.manager, self.perimeter.auth, self.runtime_dir / "ingress")
+        except ValueError as exc:   # a preview secret inside the state dir
+            raise VmHostError(str(exc)) from None
+        self.app.add_routes(self.previews.routes())
+        self.manager.local_actions[ActionName.CREATE_SIGNED_PREVIEW_URL] = self.previews.create
+        self.manager.local_actions[ActionName.EXPIRE_SIGNED_PREVIEW_URL] = self.previews.expire
+        self.app.add_routes(NetworkAdmin(self.manager, config).routes())
         self._runner: web.AppRunner | None = None
         self.limiter = ConnectionLimiter(config.max_connections,
                                          config.max_connections_per_address, config.header_timeout)
@@ -177,7 +168,7 @@ class Supervisor:
             sockets = getattr(server, "sockets", None) or []
             if sockets:
                 self.port = sockets[0].getsockname()[1]
-        self._collector = metrics.SupervisorCollector(self)
+        self._collector = metrics.SupervisorCollector(self.levels)
         metrics.REGISTRY.register(self._collector)
         self._last_tick = time.monotonic()
         self._ticker = asyncio.create_task(self._tick(), name="supervisor-tick")
@@ -231,12 +222,26 @@ class Supervisor:
             withheld = False
             self.notifier.watchdog()
 
+    def levels(self) -> metrics.Levels:
+        """What the supervisor holds right now, for the `/metrics` scrape."""
+        conns = list(self.gateway.connections)
+        actors = self.manager.all()
+        return metrics.Levels(
+            connections=len(conns), connections_opened=self.gateway.connections_total,
+            fd_limit=self.fd_limit, tcp_connections=self.limiter.open,
+            connections_refused=self.limiter.refused, header_timeouts=self.limiter.timed_out,
+            accept_errors=self.accept_errors.total,
+            actors_by_state=self.manager.count_by_state(),
+            queue_bytes=sum(c.queued_bytes for c in conns),
+            queue_bytes_max=max((c.queued_bytes for c in conns), default=0),
+            subscriptions=sum(a.relay.subscriber_count() for a in actors),
+            pending_actions=sum(len(a.pending) for a in actors),
+            inflight_actions=sum(len(a.inflight) for a in actors),
+            loop_lag=self.loop_lag)
+
     def status_line(self) -> str:
         """One line for `systemctl status`: actors by state, connections."""
-        counts: dict[str, int] = {}
-        for actor in self.manager.all():
-            counts[actor.state.value] = counts.get(actor.state.value, 0) + 1
-        states = ", ".join(f"{counts[s.value]} {s.value}" for s in ActorState if s.value in counts)
+        states = ", ".join(f"{n} {state}" for state, n in self.manager.count_by_state().items() if n)
         return (f"actors: {states or 'none'}; connections: {len(self.gateway.connections)}; "
                 f"listening on {self.config.host}:{self.port}")
 
@@ -299,11 +304,10 @@ class Supervisor:
     async def admin_workers(self, request: web.Request) -> web.Response:
         """Everything `actorvisor top` shows that is not a process figure (psutil's part)."""
         actors = self.manager.all()
-        sessions = await asyncio.to_thread(session_counts, [a.dir / "events.db" for a in actors])
-        by_state = {state.value: 0 for state in ActorState}
+        paths = [log_path(a.dir) for a in actors]
+        sessions = await asyncio.to_thread(lambda: [session_counts(path) for path in paths])
         rows = []
         for actor, counted in zip(actors, sessions):
-            by_state[actor.state.value] += 1
             row = actor.describe()
             queued = [c.queued_bytes for c in actor.connections]
             row.update(sessions=counted[0] if counted else None,
@@ -326,7 +330,7 @@ class Supervisor:
                 "actionsTotal": self.manager.actions_total,
                 "eventsRelayed": sum(a.relay.events_relayed for a in actors),
                 "queuedBytes": sum(c.queued_bytes for c in conns),
-                "actorsByState": by_state,
+                "actorsByState": self.manager.count_by_state(),
                 "loopLagMs": round(self.loop_lag * 1000, 1),
                 "heartbeatIntervalMs": int(self.config.heartbeat_interval * 1000),
                 "hangTimeoutMs": int(self.config.hang_timeout * 1000),

@@ -6,6 +6,7 @@
     actorvisor call   ACTOR ACTION [JSON_ARG ...]
     actorvisor events ACTOR [--after SEQ] [--follow]
     actorvisor shell  ACTOR [--command PROGRAM [ARG ...]]
+    actorvisor network ACTOR [--allow HOST ...] [--deny HOST ...] [--reset]
 
 Flags win over environment variables (ACTORVISOR_LISTEN, ACTORVISOR_STATE_DIR,
 ACTORVISOR_BOOT_DELAY), which win over the defaults.
@@ -76,6 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     if args.network_allow:
         overrides["network_allow"] = tuple(args.network_allow)
+    if args.preview_secret_file:
+        overrides["preview_secret_file"] = Path(args.preview_secret_file)
     for name in ("allowed_hosts", "allowed_origins"):
         if getattr(args, name):
             overrides[name] = tuple(getattr(args, name))
@@ -194,6 +197,31 @@ async def _call(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _network(args: argparse.Namespace) -> int:
+    """Show, set or reset one actor's egress policy (admin route; docs/network.md)."""
+    import aiohttp
+
+    from .actors import actor_id_for
+
+    url = f"{args.url.rstrip('/')}/admin/actors/{actor_id_for(ACTOR_KIND_VM, args.actor)}/network"
+    token = os.environ.get("ACTORVISOR_AUTH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        if args.reset:
+            request = http.delete(url)
+        elif args.allow or args.deny:
+            request = http.put(url, json={"allow": args.allow or [], "deny": args.deny or []})
+        else:
+            request = http.get(url)
+        async with request as response:
+            body = await response.json(content_type=None)
+    if response.status != 200:
+        print(f"actorvisor: {body.get('message', body)}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
 async def _events(args: argparse.Namespace) -> int:
     async with Client(args.url, token=os.environ.get("ACTORVISOR_AUTH_TOKEN")) as client:
         after = args.after
@@ -256,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="let every VM reach HOST (a name, *.domain or IP literal, optional "
                           ":PORT) through its egress proxy; repeatable (docs/network.md)")
 
+    run.add_argument("--preview-secret-file",
+                     help="the key that signs preview URLs, outside the state dir (default: "
+                          "$CREDENTIALS_DIRECTORY/preview-secret, else /etc/actorvisor/preview-secret)")
     run.add_argument("--allowed-host", dest="allowed_hosts", action="append",
                      help="a Host name clients may use besides the listen address (repeatable)")
     run.add_argument("--allowed-origin", dest="allowed_origins", action="append",
@@ -316,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     shell.add_argument("args", nargs="*", metavar="ARG", help="its arguments (after --)")
     shell.add_argument("--url", default=_default_url())
 
+    network = sub.add_parser("network", help="show or set one actor's egress policy (admin; "
+                             "replaces the service default for it)")
+    network.add_argument("actor", help="the vm actor's key")
+    network.add_argument("--allow", action="append", metavar="HOST",
+                         help="allow HOST (name, *.domain or IP literal, optional :PORT); repeatable")
+    network.add_argument("--deny", action="append", metavar="HOST", help="deny HOST; repeatable")
+    network.add_argument("--reset", action="store_true", help="back to the service default")
+    network.add_argument("--url", default=_default_url())
+
     args = parser.parse_args(argv)
     try:
         match args.command:
@@ -331,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_call(args))
             case "events":
                 return asyncio.run(_events(args))
+            case "network":
+                return asyncio.run(_network(args))
             case "shell":
                 from .attach import attach
                 return asyncio.run(attach(args.url, args.actor, args.program, args.args or None))

@@ -33,7 +33,7 @@ def load_file(path: Path) -> dict[str, object]:
         key = key.replace("-", "_")
         if key == "listen":
             values["host"], values["port"] = parse_listen(str(value))
-        elif key in ("state_dir", "runtime_dir"):
+        elif key in ("state_dir", "runtime_dir", "preview_secret_file"):
             values[key] = Path(str(value))
         elif key == "network" and isinstance(value, dict):
             for rule_kind, rules in value.items():
@@ -131,6 +131,9 @@ class Config:
     # Every VM's default egress policy (`[network]` allow/deny; docs/network.md).
     network_allow: tuple[str, ...] = ()
     network_deny: tuple[str, ...] = ()
+    # Signs preview URLs (docs/network.md); outside the state dir. None: the credentials
+    # dir systemd gives, else /etc/actorvisor/preview-secret (supervisor.preview).
+    preview_secret_file: Path | None = None
     # The perimeter (supervisor.perimeter, supervisor.auth; docs/security.md).
     auth_token: str = ""               # one admin token (ACTORVISOR_AUTH_TOKEN)
     tokens: tuple[dict[str, object], ...] = ()  # [[tokens]] hash|token, role, prefixes

@@ -192,7 +192,7 @@ class Connection:
 
     async def _await_reply(self, msg: ActionRequest, fut: asyncio.Future[Any]) -> None:
         try:
-            output = await fut
+            output = await self._manager.reply(msg.name, fut)
         except ActorvisorError as err:
             self.send(error_frame(err, msg.id))
             return

@@ -35,7 +35,7 @@ from rich.text import Text
 JSON = dict[str, Any]
 
 FAILED, HUNG, SLOW = "FAILED", "HUNG", "SLOW"
-STATE_ORDER = {"failed": 0, "crashed": 1, "spawning": 2, "booting": 3, "ready": 4,
+STATE_ORDER = {"failed": 0, "crashed": 1, "boot_failed": 1, "spawning": 2, "booting": 3, "ready": 4,
                "stopping": 5, "stopped": 6}
 
 
@@ -126,7 +126,7 @@ def flags_of(actor: JSON, sup: JSON) -> list[str]:
     """Why a row should catch the eye: failed, hung, or slow."""
     flags = []
     process = actor.get("process") or {}
-    if actor["state"] in ("failed", "crashed"):
+    if actor["state"] in ("failed", "crashed", "boot_failed"):
         flags.append(FAILED)
     age = actor.get("lastHeartbeatAgeMs")
     interval = sup.get("heartbeatIntervalMs", 1000)

@@ -4,8 +4,10 @@ Counters (events relayed, replays, restarts, slow-consumer disconnects, action o
 and latencies) are module-level objects in one process-wide registry, incremented with a
 single call at their call site: a process runs one supervisor. Everything that is a
 current level (connections, actors by state, queued bytes, subscriptions) is not counted
-at all but read from the live objects when Prometheus scrapes, by `SupervisorCollector`,
-so it can never drift from what the supervisor really holds.
+at all but read from the live objects when Prometheus scrapes: `SupervisorCollector`
+calls the supervisor's `levels()` snapshot, so it can never drift from what the
+supervisor really holds. This module imports nothing of the supervisor's: everything
+else imports it, to bump its counters.
 
 Labels are bounded sets only (action names, error codes, states, reasons); never an actor
 key, id or connection id. Rendering happens in the `/metrics` handler, on the event
@@ -15,7 +17,8 @@ loop: it is a walk over in-memory objects, no I/O.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -32,8 +35,6 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     import asyncio
-
-    from .app import Supervisor
 
 # `*_created` series double the output and nothing here needs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -86,51 +87,64 @@ def action_observer(action: str) -> Callable[[asyncio.Future[Any]], None]:
     return observe
 
 
+@dataclass(frozen=True, slots=True)
+class Levels:
+    """The supervisor's current levels at one instant (`Supervisor.levels()`)."""
+
+    connections: int
+    connections_opened: int
+    fd_limit: int
+    tcp_connections: int
+    connections_refused: int
+    header_timeouts: int
+    accept_errors: int
+    # Every actor state, zeros included, in the order the states are declared.
+    actors_by_state: Mapping[str, int]
+    queue_bytes: int
+    queue_bytes_max: int
+    subscriptions: int
+    pending_actions: int
+    inflight_actions: int
+    loop_lag: float
+
+
 class SupervisorCollector(Collector):
     """Current levels, read from one running supervisor at scrape time."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._sup = supervisor
+    def __init__(self, levels: Callable[[], Levels]) -> None:
+        self._levels = levels
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        from .actors import ActorState
-
-        sup = self._sup
-        conns = list(sup.gateway.connections)
-        actors = sup.manager.all()
-
-        yield _gauge("actorvisor_connections", "Open WebSocket connections", len(conns))
+        now = self._levels()
+        yield _gauge("actorvisor_connections", "Open WebSocket connections", now.connections)
         yield _gauge("actorvisor_fd_limit", "Open-files limit of the supervisor (RLIMIT_NOFILE)",
-                     sup.fd_limit)
-        yield _gauge("actorvisor_tcp_connections", "Open TCP connections", sup.limiter.open)
+                     now.fd_limit)
+        yield _gauge("actorvisor_tcp_connections", "Open TCP connections", now.tcp_connections)
         yield _gauge("actorvisor_connections_refused", "Connections refused over a cap, total",
-                     sup.limiter.refused)
+                     now.connections_refused)
         yield _gauge("actorvisor_header_timeouts", "Connections closed for a slow request head",
-                     sup.limiter.timed_out)
+                     now.header_timeouts)
         yield _gauge("actorvisor_accept_errors", "Failed accepts (EMFILE...), total",
-                     sup.accept_errors.total)
+                     now.accept_errors)
         opened = CounterMetricFamily("actorvisor_connections_opened", "WebSocket connections accepted")
-        opened.add_metric([], sup.gateway.connections_total)
+        opened.add_metric([], now.connections_opened)
         yield opened
         by_state = GaugeMetricFamily("actorvisor_actors", "Known actors, by state", labels=["state"])
-        counts = {state.value: 0 for state in ActorState}
-        for actor in actors:
-            counts[actor.state.value] += 1
-        for state, n in counts.items():
+        for state, n in now.actors_by_state.items():
             by_state.add_metric([state], n)
         yield by_state
         yield _gauge("actorvisor_queue_bytes", "Outbound bytes queued to clients, all connections",
-                     sum(c.queued_bytes for c in conns))
+                     now.queue_bytes)
         yield _gauge("actorvisor_queue_bytes_max", "Largest outbound queue of one connection, bytes",
-                     max((c.queued_bytes for c in conns), default=0))
+                     now.queue_bytes_max)
         yield _gauge("actorvisor_subscriptions", "Event subscriptions of all connections",
-                     sum(a.relay.subscriber_count() for a in actors))
+                     now.subscriptions)
         yield _gauge("actorvisor_pending_actions", "Actions waiting for their worker to start",
-                     sum(len(a.pending) for a in actors))
+                     now.pending_actions)
         yield _gauge("actorvisor_inflight_actions", "Actions sent or queued and not yet answered",
-                     sum(len(a.inflight) for a in actors))
+                     now.inflight_actions)
         yield _gauge("actorvisor_event_loop_lag_seconds",
-                     "How late the supervisor's periodic tick last woke up", sup.loop_lag)
+                     "How late the supervisor's periodic tick last woke up", now.loop_lag)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -3,8 +3,9 @@
 One aiohttp middleware checks, in order: the `Host` header names this service (no DNS
 rebinding), a browser's `Origin` is allowlisted on actions and WebSocket upgrades, an
 HTTP action has a JSON/CBOR/octet-stream body (no CORS-simple `text/plain`), and, with
-tokens configured, the caller's token, role and key prefixes. A refusal happens here,
-before any actor is resolved or worker started; it never logs the token.
+tokens configured, the caller's token, role and key prefixes. `/preview/` passes after the
+`Host` check alone: its signed token is its credential (supervisor/previewproxy.py). A
+refusal happens here, before any actor is resolved or worker started; it never logs the token.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .config import Config
 log = structlog.get_logger("supervisor.perimeter")
 
 OPEN_PATHS = frozenset({"/healthz", "/metadata"})
+PREVIEW_PREFIX = "/preview/"   # authenticated by its own token (supervisor/previewproxy.py)
 ACTION_TYPES = frozenset({"application/json", "application/cbor", "application/octet-stream"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -122,6 +124,10 @@ class Perimeter:
             return self._refuse(request, ErrorCode.FORBIDDEN,
                                 f"Host {host[:64]!r} is not this service's name; add it to "
                                 "allowed_hosts", 421)
+        if path.startswith(PREVIEW_PREFIX):
+            # A preview URL is a bearer capability: its signed token is the credential and
+            # the page it serves may call itself from its own origin (docs/network.md).
+            return await handler(request)
         origin = request.headers.get("Origin")
         if origin is not None and (is_ws or is_action or request.method != "GET") \
                 and origin not in self.config.allowed_origins:

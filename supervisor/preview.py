@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -67,7 +68,7 @@ def mint(secret: bytes, actor_id: str, port: int, ttl_s: int, now: float | None 
     return f"{body}.{_mac(secret, body)}", preview
 
 
-def check_preview_token(secret: bytes, token: str, revoked: set[str] | frozenset[str] = frozenset(),
+def check_preview_token(secret: bytes, token: str, revoked: Container[str] = frozenset(),
                         now: float | None = None) -> Preview:
     """The preview a token grants, or PreviewDenied; the only check the route needs."""
     m = _TOKEN.fullmatch(token)
@@ -82,3 +83,72 @@ def check_preview_token(secret: bytes, token: str, revoked: set[str] | frozenset
     if preview.nonce in revoked:
         raise PreviewDenied("expired by its owner")
     return preview
+
+
+MAX_REVOKED: Final = 100_000
+REVOKED_FILE: Final = "preview-revoked"   # in the state dir: nonces, not secrets
+
+
+def default_secret_path(state_dir: Path) -> Path:
+    """Where the secret lives when the config names no place: systemd's credentials dir if
+    the unit gives one, else /etc/actorvisor (root) or ~/.config/actorvisor; never the
+    state dir, so a copy of the state (a backup, a bug report) cannot mint tokens."""
+    if creds := os.environ.get("CREDENTIALS_DIRECTORY"):
+        return Path(creds) / "preview-secret"
+    if os.geteuid() == 0:
+        return Path("/etc/actorvisor/preview-secret")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home) / "actorvisor" / "preview-secret"
+
+
+def check_secret_place(path: Path, state_dir: Path) -> None:
+    resolved, state = path.resolve(), state_dir.resolve()
+    if resolved == state or state in resolved.parents:
+        raise ValueError(f"preview_secret_file {path} is inside the state dir {state_dir}; "
+                         "keep it outside (docs/network.md)")
+
+
+class RevokedTokens:
+    """Nonces of tokens expired before their TTL, each kept until its token would have
+    expired anyway, so the set stays bounded by what is still valid. Persisted (an
+    append-only file in the state dir, compacted when loaded) so a restart keeps them
+    expired. At most MAX_REVOKED at once: past that, expiring one more is refused."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self.nonces: dict[str, int] = {}
+        now = time.time()
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            nonce, _, expires = line.partition(" ")
+            if expires.isdigit() and int(expires) > now:
+                self.nonces[nonce] = int(expires)
+        if len(self.nonces) < len(lines):
+            self._rewrite()
+
+    def __contains__(self, nonce: object) -> bool:
+        return nonce in self.nonces
+
+    def add(self, preview: Preview) -> None:
+        now = time.time()
+        if preview.nonce in self.nonces:
+            return
+        if len(self.nonces) >= MAX_REVOKED:
+            self.nonces = {n: e for n, e in self.nonces.items() if e > now}
+            if len(self.nonces) >= MAX_REVOKED:
+                raise OverflowError(f"{MAX_REVOKED} preview tokens are already expired early "
+                                    "and not yet past their TTL")
+            self._rewrite()
+        self.nonces[preview.nonce] = preview.expires_at
+        with self._path.open("a") as f:
+            f.write(f"{preview.nonce} {preview.expires_at}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _rewrite(self) -> None:
+        partial = self._path.with_suffix(".tmp")
+        partial.write_text("".join(f"{n} {e}\n" for n, e in self.nonces.items()))
+        partial.replace(self._path)

@@ -12,7 +12,8 @@ the next one expected (a worker killed between its commit and its send, a `hello
 reports a log further on than what was relayed), the missing events are read from the
 log and relayed first; everything that arrives meanwhile waits, in order, behind them.
 
-The relay never awaits a worker and never writes to the event log.
+The relay never awaits a worker and never writes to the event log; it reads the log only
+through `vmworker.eventlog.read_events`. Payloads carry their `epoch` as stored.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import cbor2
 import structlog
 
 from protocol.client import Encoding, Event, encode_to_client
+from vmworker.eventlog import read_events
 
 from . import metrics
 
@@ -105,31 +106,10 @@ class Subscription:
 
 def read_history(db_path: Path, after: int, name: str | None, limit: int,
                  upto: int | None = None) -> list[LoggedEvent]:
-    """Read committed events with seq > after (and <= upto), of one name or all, from a
-    worker's log (read-only; WAL allows it)."""
-    if not db_path.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        sql = "SELECT seq, name, payload FROM events WHERE seq > ?"
-        params: list[Any] = [after]
-        if name is not None:
-            sql += " AND name = ?"
-            params.append(name)
-        if upto is not None:
-            sql += " AND seq <= ?"
-            params.append(upto)
-        rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
-        epoch_row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-    finally:
-        conn.close()
-    events = []
-    for seq, ev_name, blob in rows:
-        payload = cbor2.loads(blob)
-        if epoch_row is not None:
-            payload.setdefault("epoch", epoch_row[0])
-        events.append(LoggedEvent(seq, ev_name, payload))
-    return events
+    """Committed events with seq > after (and <= upto), of one name or all, from a
+    worker's log (blocking: call it in a thread)."""
+    page = read_events(db_path, after, limit, None if name is None else [name], upto)
+    return [LoggedEvent(e.seq, e.name, e.payload) for e in page.events]
 
 
 class ActorRelay:
@@ -249,7 +229,6 @@ class ActorRelay:
         self._mark(time.monotonic(), self.last_seq if self.last_seq is not None else seq - 1)
         self.epoch = epoch
         self.last_seq = seq
-        payload.setdefault("epoch", epoch)
         event = LoggedEvent(seq, name, payload)
         self.ring.append(event)
         self.events_relayed += 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+import psutil
 import structlog
 
 from .netpolicy import IpAddress, Policy, normalize_host
@@ -30,6 +31,7 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 HEAD_TIMEOUT_S: Final = 30.0
 CONNECT_TIMEOUT_S: Final = 15.0
 REPORT_EVERY_S: Final = 10.0
+HOST_ADDRESSES_TTL_S: Final = 30.0
 _CHUNK: Final = 256 * 1024
 
 log = structlog.get_logger()
@@ -70,14 +72,44 @@ class Reporter:
                     "reason": v.reason, "count": 1 + self._held.pop(key, 0)})
 
 
+def interface_addresses() -> tuple[IpAddress, ...]:
+    """Every address on this host's interfaces (public ones included: a VM must not reach
+    the host's own services by its public address either)."""
+    found: set[IpAddress] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(ValueError):
+                    found.add(ipaddress.ip_address(a.address.split("%")[0]))
+    return tuple(sorted(found, key=lambda a: (a.version, int(a))))
+
+
+class HostAddresses:
+    """`interface_addresses()`, re-read at most every HOST_ADDRESSES_TTL_S (an address a
+    DHCP lease adds later is refused from then on, without a syscall per connection)."""
+
+    def __init__(self) -> None:
+        self._at = float("-inf")
+        self._addresses: tuple[IpAddress, ...] = ()
+
+    def __call__(self) -> tuple[IpAddress, ...]:
+        if time.monotonic() - self._at >= HOST_ADDRESSES_TTL_S:
+            self._addresses, self._at = interface_addresses(), time.monotonic()
+        return self._addresses
+
+
 class EgressProxy:
     def __init__(self, policy: Callable[[], Policy], report: Callable[[Verdict], None], *,
                  hosts: Mapping[str, str] | None = None,
-                 host_addresses: Sequence[IpAddress] = ()) -> None:
+                 host_addresses: Sequence[IpAddress] | None = None) -> None:
+        """`host_addresses`: the host's own addresses, refused like internal ones; None
+        reads them from this host's interfaces."""
         self._policy = policy
         self._report = report
         self._hosts = {normalize_host(k): v for k, v in (hosts or {}).items()}
-        self._host_addresses = tuple(host_addresses)
+        fixed = tuple(host_addresses) if host_addresses is not None else None
+        self._host_addresses: Callable[[], Sequence[IpAddress]] = \
+            HostAddresses() if fixed is None else (lambda: fixed)
         self._server: asyncio.AbstractServer | None = None
 
     async def start_unix(self, path: str) -> None:
@@ -99,7 +131,8 @@ class EgressProxy:
             self._blocked(host, port, decision.rule, decision.reason)
         addrs = await self._resolve(host, port)
         policy = self._policy()
-        usable = [a for a in addrs if policy.address_allowed(a, port, self._host_addresses)]
+        own = self._host_addresses()
+        usable = [a for a in addrs if policy.address_allowed(a, port, own)]
         if not usable:
             self._blocked(host, port, decision.rule,
                           f"{host} resolves to {', '.join(map(str, addrs)) or 'nothing'}, an internal "

@@ -1,12 +1,15 @@
 """The actor's durable event log: one SQLite database (WAL) at `<actor dir>/events.db`.
 
-Owns the schema, the epoch, and every SQL statement the worker runs. It is synchronous
-on purpose: the worker calls it from dedicated threads (one writer, one reader) so the
-event loop never blocks on the disk. It never assigns `seq` (the outbox does, in the
-order events are produced) and never talks to the network.
+Owns the schema, the epoch, the stored shape of a payload, and every SQL statement run
+on the log by either process: the worker's writer and reader, and the supervisor's
+read-only reads (`read_events` for replay and gap fills, `session_counts` for
+`/admin/workers`) and its one write (`append_for_dead_worker`, a `vmShutdown` the worker
+could not write). It is synchronous on purpose: callers run it in threads, so no event
+loop blocks on the disk. It never assigns `seq` for a living worker (the outbox does, in
+the order events are produced) and never talks to the network.
 
-Schema (version 1) — the supervisor reads `events` read-only from another process for
-replay, so treat these columns as a contract:
+Schema (version 1) — the supervisor opens the file from another process, so treat these
+columns as a contract:
 
     meta(key TEXT PRIMARY KEY, value TEXT)
         'epoch'          random id created with the file; a new file means a new epoch,
@@ -16,6 +19,7 @@ replay, so treat these columns as a contract:
            name TEXT NOT NULL,        -- event name (sessionEvent, vmBooted, ...)
            session_id TEXT,           -- set for session-scoped events, else NULL
            payload BLOB NOT NULL,     -- CBOR of the handler argument, including "seq"
+                                      -- and "epoch" (`stored_payload`)
            created_at INTEGER NOT NULL)  -- unix ms
     sessions(session_id TEXT PRIMARY KEY, agent_type TEXT, options BLOB /* CBOR */,
              created_at INTEGER /* unix ms */,
@@ -38,6 +42,8 @@ from typing import Any, Final
 import cbor2
 
 from protocol.names import EventName
+
+from . import actorlock
 
 SCHEMA_VERSION: Final = 1
 MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
@@ -66,6 +72,17 @@ CREATE TABLE IF NOT EXISTS sessions (
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def log_path(actor_dir: Path) -> Path:
+    """Where an actor's event log lives."""
+    return actor_dir / "events.db"
+
+
+def stored_payload(payload: dict[str, Any], seq: int, epoch: str) -> dict[str, Any]:
+    """An event's payload as it is stored, sent live and replayed: with its `seq` and the
+    `epoch` of the log it is in, so every reader gets the same map."""
+    return {**payload, "seq": seq, "epoch": epoch}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +246,8 @@ class EventLog:
         if row is not None and row[1] == VM_SHUTDOWN and (run_from is None or row[0] > run_from):
             return None
         seq = self.last_seq + 1
-        record = EventRecord(seq, VM_SHUTDOWN, None, {"reason": reason, "seq": seq}, now_ms())
+        record = EventRecord(seq, VM_SHUTDOWN, None,
+                             stored_payload({"reason": reason}, seq, self.epoch), now_ms())
         self.write_batch([record], [])
         return record
 
@@ -248,18 +266,30 @@ class EventReader:
     """Read side: cursor queries over a separate connection (WAL readers never block
     the writer). Use from one thread at a time."""
 
-    def __init__(self, path: Path) -> None:
-        self._conn = _connect(path)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        # read_only: another process's view (the supervisor's), which must never create
+        # the file or take a write lock on it.
+        if read_only:
+            self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0,
+                                         check_same_thread=False)
+        else:
+            self._conn = _connect(path)
         self._conn.execute("PRAGMA query_only = ON")
+        self._epoch: str | None = None
 
-    def read(self, after: int, limit: int, names: Sequence[str] | None = None) -> Page:
-        """Events with seq > after, oldest first, at most `limit` of them."""
+    def read(self, after: int, limit: int, names: Sequence[str] | None = None,
+             upto: int | None = None, byte_budget: bool = True) -> Page:
+        """Events with seq > after (and <= upto), oldest first, at most `limit` of them
+        and, with `byte_budget`, at most MAX_PAGE_BYTES of payload past the first."""
         sql = "SELECT seq, name, session_id, payload, created_at FROM events WHERE seq > ?"
         params: list[Any] = [after]
         if names is not None:
             sql += f" AND name IN ({','.join('?' * len(names))})"
             params.extend(names)
-        return self._page(sql, params, after, limit)
+        if upto is not None:
+            sql += " AND seq <= ?"
+            params.append(upto)
+        return self._page(sql, params, after, limit, byte_budget)
 
     def read_session(self, session_id: str, name: str, after: int, limit: int) -> Page:
         sql = (
@@ -274,7 +304,8 @@ class EventReader:
                                   [session_id]).fetchall()
         return [r[0] for r in rows]
 
-    def _page(self, sql: str, params: list[Any], after: int, limit: int) -> Page:
+    def _page(self, sql: str, params: list[Any], after: int, limit: int,
+              byte_budget: bool = True) -> Page:
         # One row more than asked tells whether there is a next page without a COUNT.
         cursor = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit + 1])
         events: list[EventRecord] = []
@@ -283,10 +314,66 @@ class EventReader:
             size += len(blob)
             # A page must fit in one worker message: past the byte budget it ends early
             # (never empty), and the caller pages on with the cursor.
-            if len(events) == limit or (events and size > MAX_PAGE_BYTES):
+            if len(events) == limit or (events and byte_budget and size > MAX_PAGE_BYTES):
                 return Page(events, events[-1].seq, True)
-            events.append(EventRecord(seq, name, session_id, cbor2.loads(blob), created_at))
+            payload = cbor2.loads(blob)
+            if "epoch" not in payload:
+                # A row written before payloads carried their epoch.
+                payload["epoch"] = self._log_epoch()
+            events.append(EventRecord(seq, name, session_id, payload, created_at))
         return Page(events, events[-1].seq if events else after, False)
+
+    def _log_epoch(self) -> str | None:
+        if self._epoch is None:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            self._epoch = row[0] if row is not None else None
+        return self._epoch
 
     def close(self) -> None:
         self._conn.close()
+
+
+# ---- the supervisor's side: another process, no connection kept --------------------
+
+
+def read_events(path: Path, after: int, limit: int, names: Sequence[str] | None = None,
+                upto: int | None = None) -> Page:
+    """Committed events with seq > after (and <= upto), read-only (blocking: call it in a
+    thread). No byte budget: the page is not sent as one message. A log not yet created
+    holds nothing."""
+    if not path.exists():
+        return Page([], after, False)
+    reader = EventReader(path, read_only=True)
+    try:
+        return reader.read(after, limit, names, upto, byte_budget=False)
+    finally:
+        reader.close()
+
+
+def session_counts(path: Path) -> tuple[int, int] | None:
+    """(open, running) sessions in an actor's log, read-only (blocking); None when the
+    file cannot be read (it is only a figure on a dashboard)."""
+    if not path.exists():
+        return 0, 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            row = conn.execute("SELECT count(*), coalesce(sum(status = 'running'), 0)"
+                               " FROM sessions WHERE status != 'closed'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return int(row[0]), int(row[1])
+
+
+def append_for_dead_worker(path: Path, reason: str, run_from: int | None) -> EventRecord | None:
+    """`vmShutdown{reason}` on behalf of a worker that is gone (blocking), unless its run
+    (which began after `run_from`, the last seq of its hello) already has one
+    (`EventLog.close_unended_run`). Holds the actor's lock: never beside a living writer."""
+    with actorlock.held(path.parent):
+        event_log = EventLog.open(path)
+        try:
+            return event_log.close_unended_run(reason, run_from)
+        finally:
+            event_log.close()

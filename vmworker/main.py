@@ -36,7 +36,7 @@ from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Sh
 from . import actorlock, credentials, logs, vmroot
 from .actions import Actions
 from .agents.base import PermissionPolicy
-from .eventlog import EventLog, EventReader
+from .eventlog import EventLog, EventReader, log_path
 from .outbox import Outbox
 from .processes import ProcessLimits, ProcessTable
 from .sessions import SessionLog, SessionManager
@@ -144,7 +144,7 @@ class Worker:
             return int(ExitCode.ACTOR_BUSY)
         writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         reader_pool = ThreadPoolExecutor(1, thread_name_prefix="eventlog-reader")
-        event_log = EventLog.open(cfg.actor_dir / "events.db")
+        event_log = EventLog.open(log_path(cfg.actor_dir))
         loop = asyncio.get_running_loop()
         # A previous run that ended unrecorded (killed along with its supervisor, say) gets
         # its vmShutdown now, before this run's first event.

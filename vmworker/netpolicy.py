@@ -16,12 +16,15 @@ an allowed *name* that resolves to 127.0.0.1 or 169.254.169.254 (DNS rebinding) 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 MAX_RULES: Final = 1000
+ACTOR_POLICY_FILE: Final = "network.json"   # in the actor's dir: its own policy, if any
 _LABEL: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -163,3 +166,35 @@ def is_internal(addr: IpAddress, host_addresses: Sequence[IpAddress] = ()) -> bo
         return is_internal(addr.ipv4_mapped, host_addresses)
     return (addr.is_loopback or addr.is_link_local or addr.is_private or addr.is_multicast
             or addr.is_unspecified or addr.is_reserved or addr in host_addresses)
+
+
+def load_actor_policy(actor_dir: os.PathLike[str] | str) -> Policy | None:
+    """The policy an admin set for this actor (`network.json` in its dir), or None: the
+    service default applies. Raises PolicyError for a file that does not parse."""
+    path = os.path.join(actor_dir, ACTOR_POLICY_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    return Policy.from_wire(raw)
+
+
+def save_actor_policy(actor_dir: os.PathLike[str] | str, policy: Policy | None) -> None:
+    """Set (or, with None, clear) an actor's own policy; replaced whole, never half-written,
+    so a worker reading it at any moment sees the old policy or the new one."""
+    path = os.path.join(actor_dir, ACTOR_POLICY_FILE)
+    if policy is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    partial = f"{path}.tmp"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(policy.to_wire(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)

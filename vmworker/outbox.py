@@ -26,7 +26,7 @@ import cbor2
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.worker import MAX_WORKER_MESSAGE, WorkerEvents, WorkerToSupervisor, encode
 
-from .eventlog import EncodedEvent, EventLog, SessionRow, now_ms
+from .eventlog import EncodedEvent, EventLog, SessionRow, now_ms, stored_payload
 
 # A batch bigger than this is split, so one transaction (and the latency it adds to the
 # first event in it) stays bounded even when an agent floods the queue.
@@ -137,7 +137,7 @@ class Outbox:
         seq = self.last_seq + 1
         # Encoding here, not in the writer, makes a payload that cannot be encoded the
         # caller's error, before it consumes a seq, instead of a dead writer.
-        blob = cbor2.dumps({**payload, "seq": seq})
+        blob = cbor2.dumps(stored_payload(payload, seq, self.epoch))
         if len(blob) + len(name) + _FRAME_OVERHEAD > MAX_WORKER_MESSAGE:
             raise _too_large(len(blob))
         self.last_seq = seq

@@ -25,6 +25,7 @@ buffers output without bound.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import json
@@ -43,7 +44,7 @@ from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import EventName
 
 from .outbox import Outbox
-from .sandbox import BASE_ENV, Machine, PipeReader, Process, set_window_size
+from .sandbox import BASE_ENV, Machine, PipeReader, Process, set_done, set_window_size
 
 CHUNK_BYTES: Final = 16 * 1024
 COALESCE_S: Final = 0.005
@@ -307,7 +308,7 @@ class ProcessTable:
 
     # -- shells ------------------------------------------------------------------------
 
-    async def open_shell(self, command: str | None, args: list[str] | None, env: dict[str, str],
+    async def open_shell(self, command: str | None, args: builtins.list[str] | None, env: dict[str, str],
                          cwd: str, rows: int, cols: int) -> str:
         machine = self._machine_or_fail()
         if self._running("shell") >= self._limits.max_shells:
@@ -368,7 +369,7 @@ class ProcessTable:
         await running.ended.wait()
         return {"exitCode": running.exit_code, "signal": running.signal}
 
-    def list_shells(self) -> list[dict[str, Any]]:
+    def list_shells(self) -> builtins.list[dict[str, Any]]:
         return [r.info() for r in self._shells.values()]
 
     # -- shared ------------------------------------------------------------------------
@@ -398,10 +399,11 @@ class ProcessTable:
                     view = view[os.write(fd, view):]
                 except BlockingIOError:
                     writable: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+                    loop.add_writer(fd, set_done, writable)
                     try:
-                        await asyncio.wait([writable, asyncio.ensure_future(running.ended.wait())],
-                                           return_when=asyncio.FIRST_COMPLETED)
+                        waits: list[asyncio.Future[Any]] = [
+                            writable, asyncio.ensure_future(running.ended.wait())]
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         loop.remove_writer(fd)
                     if running.ended.is_set():

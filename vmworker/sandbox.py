@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ import termios
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -372,7 +373,8 @@ class Machine:
             return
         self._loop.remove_reader(self._control.fileno())
         self._control.close()
-        for future in (*self._requests.values(), *self._exits.values()):
+        futures: list[asyncio.Future[Any]] = [*self._requests.values(), *self._exits.values()]
+        for future in futures:
             if not future.done():
                 future.set_exception(VmGone())
         self._requests.clear()
@@ -508,11 +510,20 @@ class Machine:
             if not reader.eof.done():
                 reader.sink = _discard
                 self._detached.add(reader)
-                reader.eof.add_done_callback(lambda _, r=reader: self._detached.discard(r))
+                reader.eof.add_done_callback(functools.partial(self._forget_detached, reader))
+
+    def _forget_detached(self, reader: PipeReader, _eof: asyncio.Future[Any]) -> None:
+        self._detached.discard(reader)
 
 
 def _discard(_chunk: bytes) -> None:
     return None
+
+
+def set_done(future: asyncio.Future[None]) -> None:
+    """Resolve a wake-up future, once (a reader or writer callback may fire again)."""
+    if not future.done():
+        future.set_result(None)
 
 
 def _log_stderr(chunk: bytes) -> None:
@@ -541,9 +552,10 @@ async def _read_child_pid(fd: int, bwrap: asyncio.subprocess.Process) -> int:
                 chunk = os.read(fd, 4096)
             except BlockingIOError:
                 readable = loop.create_future()
-                loop.add_reader(fd, lambda f=readable: f.done() or f.set_result(None))
+                loop.add_reader(fd, set_done, readable)
                 try:
-                    await asyncio.wait([readable, exited], return_when=asyncio.FIRST_COMPLETED)
+                    waits: list[asyncio.Future[Any]] = [readable, exited]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     loop.remove_reader(fd)
                 if exited.done() and not readable.done():

@@ -32,7 +32,8 @@ from protocol.names import WorkerPhase
 from . import vminit, vmroot
 from .cgroups import CgroupRoot, Limits, VmCgroup
 from .egress import EgressProxy, Reporter
-from .netpolicy import Policy
+from .ingress import Ingress, ingress_path
+from .netpolicy import ACTOR_POLICY_FILE, Policy, PolicyError, load_actor_policy
 from .sandbox import BRIDGE_PATH, EGRESS_SOCKET, PROXY_PORT, ExecResult, Machine, MachineSpec
 from .vmfs import WORKSPACE, VmFs, VmPath, normalize
 
@@ -83,6 +84,7 @@ class VmSettings:
     output_log_mb: int = 8
     network_allow: tuple[str, ...] = ()   # the service's default egress allow rules
     network_deny: tuple[str, ...] = ()
+    ingress_dir: str = ""   # the supervisor's private dir of ingress sockets ("": no way in)
 
     def to_arg(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -173,8 +175,40 @@ class Vm:
         self._fs_pool: ThreadPoolExecutor | None = None
         self._watch: asyncio.Task[None] | None = None
         self._disk_mounted = False
-        self.policy = Policy.parse(settings.network_allow, settings.network_deny)
+        self._default_policy = Policy.parse(settings.network_allow, settings.network_deny)
+        self._actor_policy: Policy | None = None
+        self._policy_stamp: tuple[int, int, int] | None = None
         self._proxy = EgressProxy(lambda: self.policy, Reporter(on_network or _ignore))
+        self._ingress: Ingress | None = None
+        if settings.ingress_dir:
+            self._ingress = Ingress(ingress_path(Path(settings.ingress_dir), actor_id), lambda: self.machine)
+
+    @property
+    def policy(self) -> Policy:
+        """The effective egress policy: the actor's own (`network.json` in its dir, set by an
+        admin) if it has one, else the service default. The file is checked on every use (one
+        stat) and re-read when it changed, so a new policy applies to the next connection of
+        a running VM without any message to the worker."""
+        try:
+            st = os.stat(self.actor_dir / ACTOR_POLICY_FILE)
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._policy_stamp:
+            try:
+                self._actor_policy = load_actor_policy(self.actor_dir)
+            except PolicyError as exc:
+                # The supervisor writes only checked policies. Keep the last good one, or
+                # with none, deny everything: never fall back to a (perhaps wider) default.
+                log.error("actor_network_policy_unreadable", error=str(exc))
+                if self._actor_policy is None:
+                    self._actor_policy = Policy()
+            self._policy_stamp = stamp
+        return self._actor_policy if self._actor_policy is not None else self._default_policy
+
+    @policy.setter
+    def policy(self, default: Policy) -> None:
+        self._default_policy = default
 
     async def boot(self) -> int:
         """Make the VM's identity, disk and cgroup, start its sandbox, prove it runs a
@@ -233,6 +267,8 @@ class Vm:
             raise RuntimeError(f"sandbox self-test failed (exit {probe.exit_code}): "
                                f"{probe.stderr.strip()[:500]}")
         await self._start_bridge()
+        if self._ingress is not None:
+            await self._ingress.start()
         self._watch = asyncio.create_task(self._watch_limits(), name="vm-limits")
 
     async def _start_bridge(self) -> None:
@@ -285,6 +321,8 @@ class Vm:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
+        if self._ingress is not None:
+            await self._ingress.close()
         if self.machine is not None:
             await self.machine.shutdown(STOP_GRACE_S)
         await self._proxy.close()

@@ -27,6 +27,7 @@ def test_flags():
     assert flags_of(actor("ok"), SUP) == []
     assert flags_of(actor("dead", "failed", pid=None, lastHeartbeatAgeMs=None, process=None), SUP) == [FAILED]
     assert flags_of(actor("crashed", "crashed"), SUP) == [FAILED]
+    assert flags_of(actor("no-vm", "boot_failed"), SUP) == [FAILED]
     assert flags_of(actor("silent", lastHeartbeatAgeMs=3000), SUP) == [HUNG]
     assert flags_of(actor("stopped", process={"status": "stopped"}), SUP) == [HUNG]
     assert flags_of(actor("late", lastHeartbeatAgeMs=2500), SUP) == [SLOW]

@@ -49,3 +49,39 @@ def test_bad_port_or_ttl(port: int, ttl: int) -> None:
 def test_arbitrary_strings_are_denied(token: str) -> None:
     with pytest.raises(PreviewDenied):
         check_preview_token(b"k" * 32, token, now=0)
+
+
+def test_revocations_persist_until_their_tokens_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from supervisor import preview
+
+    path = tmp_path / preview.REVOKED_FILE
+    store = preview.RevokedTokens(path)
+    now = time.time()
+    _, soon = mint(b"k" * 32, "a", 80, 1, now=now - 10)       # already past its TTL
+    _, later = mint(b"k" * 32, "a", 80, 600, now=now)
+    store.add(soon)
+    store.add(later)
+    store.add(later)
+    assert later.nonce in store and path.read_text().count(later.nonce) == 1
+    reloaded = preview.RevokedTokens(path)          # a restart: expired ones are dropped
+    assert later.nonce in reloaded and soon.nonce not in reloaded
+    assert path.read_text() == f"{later.nonce} {later.expires_at}\n"
+    monkeypatch.setattr(preview, "MAX_REVOKED", 1)
+    with pytest.raises(OverflowError, match="1 preview tokens"):
+        reloaded.add(mint(b"k" * 32, "a", 80, 600, now=now)[1])
+
+
+def test_the_secret_stays_out_of_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.preview import check_secret_place, default_secret_path
+
+    state = tmp_path / "state"
+    with pytest.raises(ValueError, match="inside the state dir"):
+        check_secret_place(state / "keys" / "secret", state)
+    check_secret_place(tmp_path / "keys" / "secret", state)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert default_secret_path(state) == tmp_path / "creds" / "preview-secret"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    assert default_secret_path(state).name == "preview-secret"
+    assert state not in default_secret_path(state).parents

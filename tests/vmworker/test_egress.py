@@ -149,3 +149,26 @@ async def test_decisions_are_coalesced(net: Net) -> None:
     report = Reporter(sink.append, every_s=0)
     report(Verdict("a.test", 80, False, None, "no rule"))
     assert sink[-1]["count"] == 1
+
+
+async def test_the_hosts_own_addresses_are_refused_unless_named(tmp_path: Path) -> None:
+    import ipaddress
+
+    import psutil
+
+    from vmworker.egress import Blocked, interface_addresses
+
+    every = {ipaddress.ip_address(a.address.split("%")[0]) for addrs in psutil.net_if_addrs().values()
+             for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
+    assert set(interface_addresses()) == every and ipaddress.ip_address("127.0.0.1") in every
+    # A public address of this host (one it is given, here) is as internal as loopback.
+    own = ipaddress.ip_address("8.8.4.4")
+    policy = Policy.parse(allow=["host.test"])
+    proxy = EgressProxy(lambda: policy, lambda v: None, hosts={"host.test": str(own)}, host_addresses=[own])
+    with pytest.raises(Blocked, match="resolves to 8.8.4.4, an internal address"):
+        await proxy.open("host.test", 80)
+    assert not policy.address_allowed(own, 80, [own])
+    assert Policy.parse(allow=["8.8.4.4:80"]).address_allowed(own, 80, [own])
+    # With no list given, the proxy refuses this host's interface addresses.
+    proxy = EgressProxy(lambda: policy, lambda v: None, hosts={"host.test": "127.0.0.1"})
+    assert set(proxy._host_addresses()) == every

@@ -8,7 +8,19 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from vmworker.eventlog import EncodedEvent, EventLog, EventReader, EventRecord, SessionRow
+from vmworker.eventlog import (
+    EncodedEvent,
+    EventLog,
+    EventReader,
+    EventRecord,
+    Page,
+    SessionRow,
+    append_for_dead_worker,
+    log_path,
+    read_events,
+    session_counts,
+    stored_payload,
+)
 
 
 def record(seq: int, name: str = "e", session: str | None = None) -> EventRecord:
@@ -105,7 +117,7 @@ def test_sessions_round_trip_and_status_updates(tmp_path: Path) -> None:
 
 def test_encoded_rows_are_stored_verbatim_and_keep_the_seq_contract(tmp_path: Path) -> None:
     log = EventLog.open(tmp_path / "events.db")
-    blobs = [cbor2.dumps({"seq": seq, "x": "y" * seq}) for seq in (1, 2, 3)]
+    blobs = [cbor2.dumps(stored_payload({"x": "y" * seq}, seq, log.epoch)) for seq in (1, 2, 3)]
     log.write_encoded([EncodedEvent(i + 1, "e", None, b, 7) for i, b in enumerate(blobs)], [])
     with pytest.raises(RuntimeError, match="seq gap"):
         log.write_encoded([EncodedEvent(5, "e", None, blobs[0], 7)], [])
@@ -124,7 +136,7 @@ def test_a_run_that_ended_unrecorded_is_closed_once(tmp_path: Path) -> None:
     log.write_batch([record(1, "vmBooted"), record(2, "sessionEvent", "s1")], [])
     closed = log.close_unended_run("crash")
     assert closed is not None and (closed.seq, closed.name) == (3, "vmShutdown")
-    assert closed.payload == {"reason": "crash", "seq": 3}
+    assert closed.payload == {"reason": "crash", "seq": 3, "epoch": log.epoch}
     # Whoever comes next sees the run closed and adds nothing, even after a reopen.
     assert log.close_unended_run("crash") is None
     log.close()
@@ -139,3 +151,20 @@ def test_a_run_that_ended_unrecorded_is_closed_once(tmp_path: Path) -> None:
     fresh = EventLog.open(tmp_path / "fresh.db")
     assert fresh.close_unended_run("hang", run_from=0) is not None  # hello'd, then killed
     fresh.close()
+
+
+def test_the_supervisor_reads_and_appends_through_the_same_contract(tmp_path: Path) -> None:
+    path = log_path(tmp_path)
+    assert read_events(path, 0, 10) == Page([], 0, False) and session_counts(path) == (0, 0)
+    log = EventLog.open(path)
+    # A row written before payloads carried their epoch reads with the log's.
+    log.write_batch([EventRecord(1, "e", None, {"seq": 1}, 0)],
+                    [SessionRow("s1", "local", {}, 0, "running"), SessionRow("s2", "local", {}, 0, "closed")])
+    log.close()
+    record = append_for_dead_worker(path, "crash", None)
+    assert record is not None and record.payload == {"reason": "crash", "seq": 2, "epoch": log.epoch}
+    page = read_events(path, 0, 1)
+    assert ([e.payload for e in page.events], page.has_more) == ([{"seq": 1, "epoch": log.epoch}], True)
+    assert [e.payload for e in read_events(path, 1, 10, ["vmShutdown"]).events] == [record.payload]
+    assert read_events(path, 0, 10, upto=1).events[-1].seq == 1
+    assert session_counts(path) == (1, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -81,3 +82,21 @@ def test_empty_policy_never_allows(host: str, port: int) -> None:
        st.integers(min_value=1, max_value=65535))
 def test_a_denied_host_is_never_allowed(allow: list[str], host: str, port: int) -> None:
     assert not Policy.parse(allow=allow, deny=[host]).decide(host, port).allowed
+
+
+async def test_an_actors_own_policy_is_read_live_and_fails_closed(tmp_path: Path) -> None:
+    from vmworker.netpolicy import ACTOR_POLICY_FILE, save_actor_policy
+    from vmworker.vm import Vm, VmSettings
+
+    def vm() -> Vm:
+        return Vm(tmp_path, "t", tmp_path, 0.0, VmSettings(network_allow=("default.example",)),
+                  lambda *_: None)
+    machine = vm()
+    assert machine.policy.to_wire() == {"allow": ["default.example"], "deny": []}
+    save_actor_policy(tmp_path, Policy.parse(allow=["own.example:443"]))
+    assert machine.policy.to_wire() == {"allow": ["own.example:443"], "deny": []}
+    (tmp_path / ACTOR_POLICY_FILE).write_text('{"allow": ["a..b"]}')
+    assert machine.policy.to_wire() == {"allow": ["own.example:443"], "deny": []}
+    assert vm().policy == Policy()           # unreadable from the start: nothing allowed
+    save_actor_policy(tmp_path, None)
+    assert machine.policy.to_wire() == {"allow": ["default.example"], "deny": []}

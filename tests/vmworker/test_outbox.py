@@ -55,7 +55,8 @@ async def test_outbox_commits_before_send_in_order_and_groups_commits(tmp_path: 
     assert seqs == list(range(1, 201))
     events = [m for m, _ in sent if isinstance(m, WorkerEvent)]
     assert [e.seq for e in events] == seqs
-    assert all(e.payload == {"i": e.seq - 1, "seq": e.seq} and e.epoch == log.epoch for e in events)
+    assert all(e.payload == {"i": e.seq - 1, "seq": e.seq, "epoch": log.epoch} and e.epoch == log.epoch
+               for e in events)
     assert all(committed >= m.seq for m, committed in sent if isinstance(m, WorkerEvent))
     assert isinstance(sent[-1][0], Reply)  # the reply queued last went out last
     # Group commit: 200 events in far fewer transactions than events.

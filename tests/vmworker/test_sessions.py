@@ -155,6 +155,8 @@ async def test_get_session_events_pages_match_what_was_sent(actor: InProcessActo
     assert isinstance(replay, dict)
     assert replay["epoch"] == actor.log.epoch and replay["hasMore"] is True
     assert [e["name"] for e in replay["events"]] == ["sessionEvent"] * 3
+    # Payloads carry their epoch as stored: a replayed event reads like a live one.
+    assert all(e["args"][0]["epoch"] == actor.log.epoch for e in replay["events"])
     first = replay["events"][0]
     assert first["args"] == [next(m.payload for m in actor.sent
                                   if isinstance(m, WorkerEvent) and m.seq == first["seq"])]
@@ -232,7 +234,7 @@ async def test_cancelling_a_turn_resolves_its_pending_permission_as_cancelled(
     resolved = [m.payload for m in actor.sent
                 if isinstance(m, WorkerEvent) and m.name == "permissionResolved"]
     assert resolved == [{"sessionId": sid, "permissionId": permission_id, "reply": "cancelled",
-                         "seq": resolved[0]["seq"]}]
+                         "seq": resolved[0]["seq"], "epoch": actor.log.epoch}]
     with pytest.raises(ActorvisorError) as info:
         await actor.call("respondPermission", sid, permission_id, "once")
     assert info.value.code is ErrorCode.PERMISSION_NOT_FOUND
