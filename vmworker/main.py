@@ -157,6 +157,9 @@ class Worker:
         sock = self._sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, cfg.actor_id.encode())
         sock.connect(cfg.endpoint)
+        # The supervisor's silence counts from our first word, not from before a wait for
+        # the lock (a previous worker draining can hold it longer than the timeout).
+        self._last_heard = time.monotonic()
 
         self.outbox = Outbox(event_log, self._send_frame, writer)
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))

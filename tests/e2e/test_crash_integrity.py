@@ -109,6 +109,7 @@ class Holders:
         self.db = actor_dir / "events.db"
         self.supervisors = supervisors
         self.max_lock_holders = 0
+        self.lock_holders_seen: set[int] = set()
         self.max_writers: dict[int, list[str]] = {}
         self.writers_seen: set[int] = set()
         self.samples = 0
@@ -117,15 +118,16 @@ class Holders:
 
     def _lock_holders(self) -> set[int]:
         try:
-            inode = os.stat(self.lock).st_ino
+            st = os.stat(self.lock)
         except FileNotFoundError:
             return set()
+        file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         holders = set()
         with open("/proc/locks") as fh:
             for line in fh:
                 fields = line.split()
                 # "N: FLOCK ADVISORY WRITE pid maj:min:inode start end"; a waiter has "->".
-                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file_id:
                     holders.add(int(fields[4]))
         return holders
 
@@ -160,7 +162,9 @@ class Holders:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.max_lock_holders = max(self.max_lock_holders, len(self._lock_holders()))
+            holders = self._lock_holders()
+            self.lock_holders_seen |= holders
+            self.max_lock_holders = max(self.max_lock_holders, len(holders))
             writers = self._openers()
             self.writers_seen |= set(writers)
             if len(writers) > len(self.max_writers):
@@ -221,7 +225,7 @@ async def test_supervisor_kill_9_and_quick_restart_during_bursts(make_supervisor
           f"{len(names)} events, runs {runs(names).count('vmBooted')}")
     assert "worker_message_from_unknown" not in logs
     assert holders.samples > 50 and len(holders.writers_seen) >= ROUNDS
-    assert holders.max_lock_holders <= 1
+    assert holders.max_lock_holders <= 1 and len(holders.lock_holders_seen) >= ROUNDS
     assert len(holders.max_writers) <= 1, f"two workers had the log open at once: {holders.max_writers}"
     # Every worker run that ended has its vmShutdown, exactly one.
     assert runs(names) == ["vmBooted", "vmShutdown"] * (ROUNDS + 1), runs(names)
