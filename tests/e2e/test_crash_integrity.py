@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from protocol.aio import Client
+from protocol.errors import ActorvisorError
 from supervisor.actors import actor_id_for
 from tests.e2e.test_npm_client import conversation
 from tests.support import SupervisorProc, eventually
@@ -93,6 +94,15 @@ async def test_worker_kill_9_during_bursts_skips_and_doubles_nothing(supervisor,
     # brought a few earlier events, through the implicit cursor).
     assert [seq for seq in result["cursorMerged"] if seq > 5] == [seq for seq in logged if seq > 5]
     assert conn.repeats == 0
+
+
+def ends_in_logs(sup: SupervisorProc) -> str:
+    """The lines of every supervisor's log (its workers' included) about a worker's end."""
+    words = ("worker_exited", "worker_stopping", "supervisor_lost", "supervisor_gone",
+             "actor_locked_by_another_worker", "previous_run_closed")
+    return "\n".join(line for path in sorted(sup.state_dir.parent.glob("supervisor-*.log"))
+                     for line in path.read_text(errors="replace").splitlines()
+                     if any(word in line for word in words))
 
 
 def runs(names: list[str]) -> list[str]:
@@ -210,6 +220,8 @@ async def test_supervisor_kill_9_and_quick_restart_during_bursts(make_supervisor
                 # The last restart's worker, booted, so the previous run is closed; then a clean stop.
                 await client.action("vm", key, "exists", "/workspace")
         sup.stop()
+    except ActorvisorError as exc:
+        raise AssertionError(f"{exc}; workers' ends:\n{ends_in_logs(sup)}") from exc
     finally:
         for pid in workers:  # each led its process group; none may outlive the test
             try:
