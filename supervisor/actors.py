@@ -41,7 +41,7 @@ import structlog
 
 from protocol import worker as wire
 from protocol.errors import ActorvisorError, ErrorCode
-from protocol.names import ACTOR_KINDS, ActionName, EventName, ShutdownReason, WorkerPhase
+from protocol.names import ACTOR_KINDS, ActionName, ShutdownReason, WorkerPhase
 from vmworker import vmroot
 from vmworker.eventlog import append_for_dead_worker, log_path
 
@@ -123,6 +123,7 @@ class Actor:
     phase: str | None = None
     proc: WorkerProcess | None = None
     hello: bool = False
+    run_from: int | None = None  # the log's last seq in the running worker's hello
     generation: int = 0
     restarts: deque[float] = field(default_factory=deque)
     pending: deque[wire.Action] = field(default_factory=deque)
@@ -333,6 +334,7 @@ class ActorManager:
             return
         actor.transition(ActorState.SPAWNING)
         actor.hello = False
+        actor.run_from = None
         actor.stop_reason = None
         self._own(asyncio.create_task(self._spawn(actor), name=f"spawn-{actor.id}"))
 
@@ -389,6 +391,7 @@ class ActorManager:
         proc.signal_group(signal.SIGKILL)
         actor.proc = None
         actor.hello = False
+        run_from, actor.run_from = actor.run_from, None
         actor.phase = None
         if actor.state is ActorState.STOPPING:
             # Actions that arrived while it was going to sleep never reached it: they
@@ -423,11 +426,11 @@ class ActorManager:
             return  # it logged its vmShutdown itself, or never opened the log
         actor.quiet.clear()
         try:
-            await self._record_shutdown(actor, reason)
+            await self._record_shutdown(actor, reason, run_from)
         finally:
             actor.quiet.set()
 
-    async def _record_shutdown(self, actor: Actor, reason: ShutdownReason) -> None:
+    async def _record_shutdown(self, actor: Actor, reason: ShutdownReason, run_from: int | None) -> None:
         """Write `vmShutdown` for a worker that could not, then relay it.
 
         The worker is reaped, and no new one starts until this returns, so the event log
@@ -435,10 +438,12 @@ class ActorManager:
         """
         try:
             record = await asyncio.to_thread(append_for_dead_worker, log_path(actor.dir),
-                                             EventName.VM_SHUTDOWN, {"reason": reason.value})
+                                             reason.value, run_from)
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             log.error("shutdown_record_failed", actor=actor.id, error=str(exc))
             return
+        if record is None:
+            return  # the run had logged its own
         if actor.relay.last_seq is None or record.seq > actor.relay.last_seq:
             actor.relay.publish(record.seq, record.payload["epoch"], record.name, record.payload)
 
@@ -494,6 +499,7 @@ class ActorManager:
         if actor.proc is not None and hello.pid != actor.proc.pid:
             log.warning("worker_hello_pid_mismatch", actor=actor.id, pid=hello.pid)
         actor.hello = True
+        actor.run_from = hello.last_seq
         actor.relay.on_worker_hello(hello.epoch, hello.last_seq)
         if actor.state is ActorState.SPAWNING:
             actor.transition(ActorState.BOOTING, pid=hello.pid)

@@ -38,7 +38,7 @@ from vmworker.vm import VmSettings, refusal
 from . import __version__, metrics
 from .actors import Actor, ActorManager
 from .auth import Auth
-from .config import Config, make_private_runtime_dir
+from .config import Config, make_private_runtime_dir, remove_stale_runtime_dirs
 from .connections import CLOSE_GOING_AWAY
 from .fdlimit import raise_nofile_limit
 from .gateway import Gateway
@@ -90,6 +90,9 @@ class Supervisor:
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self._owns_runtime_dir = config.runtime_dir is None
+        if self._owns_runtime_dir:
+            for stale in remove_stale_runtime_dirs():
+                log.info("stale_runtime_dir_removed", path=str(stale))
         self.runtime_dir: Path = config.runtime_dir or make_private_runtime_dir()
         self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)

@@ -7,6 +7,7 @@ the supervisor reads `os.environ` for its own settings.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import tomllib
 from dataclasses import dataclass, fields
@@ -49,10 +50,43 @@ def load_file(path: Path) -> dict[str, object]:
     return values
 
 
+RUNTIME_DIR_PREFIX = "actorvisor-"
+RUNTIME_OWNER_FILE = "owner.pid"
+
+
 def make_private_runtime_dir() -> Path:
     # A private dir under /tmp keeps the ipc path short (AF_UNIX paths are limited to
-    # 107 bytes) whatever the state dir is. Its creator removes it at stop.
-    return Path(tempfile.mkdtemp(prefix="actorvisor-"))
+    # 107 bytes) whatever the state dir is. Its creator removes it at stop; the pid in it
+    # lets a later supervisor remove it when its creator was killed instead.
+    path = Path(tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX))
+    (path / RUNTIME_OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def remove_stale_runtime_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the private runtime dirs of supervisors that died without removing theirs
+    (`kill -9`), and say which. A dir whose owner lives, or that names no owner (yet, or
+    not ours), is left alone."""
+    removed = []
+    for path in Path(parent or tempfile.gettempdir()).glob(f"{RUNTIME_DIR_PREFIX}*"):
+        try:
+            owner = int((path / RUNTIME_OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)

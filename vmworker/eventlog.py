@@ -41,10 +41,13 @@ from typing import Any, Final
 
 import cbor2
 
+from protocol.names import EventName
+
 from . import actorlock
 
 SCHEMA_VERSION: Final = 1
 MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
+VM_SHUTDOWN: Final = EventName.VM_SHUTDOWN.value
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -226,6 +229,28 @@ class EventLog:
             conn.execute("ROLLBACK")
             raise
 
+    def close_unended_run(self, reason: str, run_from: int | None = None) -> EventRecord | None:
+        """Append `vmShutdown{reason}` for the last worker run on this log if it ended
+        without one (killed, or orphaned before it could commit its own), and return it.
+
+        A run's last event is its `vmShutdown`, so a log whose last event is anything else
+        belongs to a run that ended unrecorded; an empty log has no run to close. A caller
+        that knows where the run began (`run_from`: the log's last seq in the run's hello)
+        also closes a run that wrote nothing after it. Whoever next holds the actor's lock
+        calls this (the supervisor for a reaped worker, a new worker before its own first
+        event): exactly one `vmShutdown` per run, never two.
+        """
+        row = self._conn.execute("SELECT seq, name FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None and run_from is None:
+            return None
+        if row is not None and row[1] == VM_SHUTDOWN and (run_from is None or row[0] > run_from):
+            return None
+        seq = self.last_seq + 1
+        record = EventRecord(seq, VM_SHUTDOWN, None,
+                             stored_payload({"reason": reason}, seq, self.epoch), now_ms())
+        self.write_batch([record], [])
+        return record
+
     def load_sessions(self) -> list[SessionRow]:
         rows = self._conn.execute(
             "SELECT session_id, agent_type, options, created_at, status FROM sessions"
@@ -342,16 +367,13 @@ def session_counts(path: Path) -> tuple[int, int] | None:
     return int(row[0]), int(row[1])
 
 
-def append_for_dead_worker(path: Path, name: str, payload: dict[str, Any]) -> EventRecord:
-    """Append one event on behalf of a worker that is gone (blocking), holding the actor's
-    lock: never beside a living writer. Its seq is the log's next."""
+def append_for_dead_worker(path: Path, reason: str, run_from: int | None) -> EventRecord | None:
+    """`vmShutdown{reason}` on behalf of a worker that is gone (blocking), unless its run
+    (which began after `run_from`, the last seq of its hello) already has one
+    (`EventLog.close_unended_run`). Holds the actor's lock: never beside a living writer."""
     with actorlock.held(path.parent):
         event_log = EventLog.open(path)
         try:
-            seq = event_log.last_seq + 1
-            record = EventRecord(seq, name, None, stored_payload(payload, seq, event_log.epoch),
-                                 now_ms())
-            event_log.write_batch([record], [])
-            return record
+            return event_log.close_unended_run(reason, run_from)
         finally:
             event_log.close()

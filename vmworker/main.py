@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -121,6 +122,10 @@ class Worker:
         self._stopping = False
         self._last_heard = time.monotonic()
         self._actions_running: set[asyncio.Task[None]] = set()
+        # Our supervisor (or its zygote): when it dies, the kernel sends us SIGTERM
+        # (die_with_parent) and we are reparented, so getppid() stops naming it.
+        self._parent = os.getppid()
+        self._orphaned = asyncio.Event()
 
     def request_stop(self, reason: ShutdownReason, code: ExitCode = ExitCode.OK) -> None:
         """Ask for shutdown; the first request wins."""
@@ -140,13 +145,23 @@ class Worker:
         writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         reader_pool = ThreadPoolExecutor(1, thread_name_prefix="eventlog-reader")
         event_log = EventLog.open(log_path(cfg.actor_dir))
+        loop = asyncio.get_running_loop()
+        # A previous run that ended unrecorded (killed along with its supervisor, say) gets
+        # its vmShutdown now, before this run's first event.
+        closed = await loop.run_in_executor(writer, event_log.close_unended_run,
+                                            ShutdownReason.CRASH.value)
+        if closed is not None:
+            self.log.warning("previous_run_closed", seq=closed.seq)
         reader = EventReader(event_log.path)
         ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.DEALER)
+        sock = self._sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, cfg.actor_id.encode())
         sock.connect(cfg.endpoint)
+        # The supervisor's silence counts from our first word, not from before a wait for
+        # the lock (a previous worker draining can hold it longer than the timeout).
+        self._last_heard = time.monotonic()
 
-        self.outbox = Outbox(event_log, sock.send, writer)
+        self.outbox = Outbox(event_log, self._send_frame, writer)
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
         self.outbox.send(Phase(WorkerPhase.BOOTING.value))
         self.vm = Vm(cfg.actor_dir, cfg.actor_id, cfg.state_dir, cfg.boot_delay_s, cfg.vm,
@@ -162,9 +177,8 @@ class Worker:
                       epoch=event_log.epoch, last_seq=event_log.last_seq,
                       generation=cfg.generation)
 
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, ShutdownReason.SLEEP)
+            loop.add_signal_handler(sig, self._on_stop_signal)
         writer_task = asyncio.create_task(self.outbox.run(), name="outbox")
         background = [
             asyncio.create_task(self._receive(sock), name="receive"),
@@ -200,6 +214,46 @@ class Worker:
             deadline.cancel()
         self.log.info("worker_stopped", reason=self._stop_reason.value, exit_code=int(self._exit_code))
         return int(self._exit_code)
+
+    def _on_stop_signal(self) -> None:
+        if os.getppid() != self._parent and not self._orphaned.is_set():
+            self._orphan()
+        self.request_stop(ShutdownReason.SLEEP)
+
+    def _orphan(self) -> None:
+        """Our supervisor died (a SIGTERM through the parent-death signal): speak to no one.
+
+        Nobody reads our frames any more, and a supervisor started anew on the same socket
+        path would take them for a stranger's; a send blocked on the dead peer would hold
+        back the commit of everything queued behind it, our vmShutdown included. So drop
+        the connection and every frame queued on it; the log gets all that is queued, and
+        the next worker of this actor (which waits for our lock) relays it from there.
+        """
+        self.log.warning("supervisor_gone", parent=self._parent)
+        self._orphaned.set()
+        self._sock.setsockopt(zmq.LINGER, 0)
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disconnect(self.config.endpoint)
+        self.request_stop(ShutdownReason.ERROR, ExitCode.SUPERVISOR_LOST)
+
+    async def _send_frame(self, frame: bytes) -> None:
+        """The outbox's send: now if the pipe has room, else once it has, unless we are
+        orphaned meanwhile (then the frame is dropped: see `_orphan`)."""
+        if self._orphaned.is_set():
+            return
+        try:
+            await self._sock.send(frame, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        send = asyncio.ensure_future(self._sock.send(frame))
+        orphaned = asyncio.create_task(self._orphaned.wait())
+        try:
+            await asyncio.wait({send, orphaned}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (send, orphaned):
+                pending.cancel()
+            await asyncio.gather(send, orphaned, return_exceptions=True)
 
     async def _shutdown(self, boot_task: asyncio.Task[None], writer_task: asyncio.Task[None]) -> None:
         reason = self._stop_reason

@@ -84,7 +84,10 @@ class Harness:
         return self.spawner.workers[-1]
 
     def hello(self, actor: Actor, worker: FakeWorker) -> None:
-        self.manager.on_worker_message(actor.id, wire.Hello(actor.id, worker.pid, "epoch-1", 0))
+        # As a real worker's: it names where the log ends as this run begins.
+        logged = read_events(log_path(actor.dir), 0, 1000).events
+        last_seq = logged[-1].seq if logged else 0
+        self.manager.on_worker_message(actor.id, wire.Hello(actor.id, worker.pid, "epoch-1", last_seq))
 
     def phase(self, actor: Actor, phase: WorkerPhase, **detail: Any) -> None:
         self.manager.on_worker_message(actor.id, wire.Phase(phase.value, detail))

@@ -37,6 +37,14 @@ from protocol.worker import (
 from tests.support import descendants, vm_settings
 
 REPO = Path(__file__).resolve().parents[2]
+# `python -c FORK_AND_WAIT argv...`: run argv as our child and wait for it.
+FORK_AND_WAIT = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+os.waitpid(pid, 0)
+"""
 
 
 @dataclass
@@ -69,12 +77,15 @@ class WorkerHarness:
     def actor_dir(self) -> Path:
         return self.state_dir / "actors" / self.actor_id
 
-    async def start(self, *extra: str, heartbeats: bool = True) -> None:
+    async def start(self, *extra: str, heartbeats: bool = True, parent: bool = False) -> None:
+        """Start the worker (with `parent`, as the child of a process of its own between us
+        and it, as the zygote is: `proc` is that parent, the hello names the worker)."""
         self.actor_dir.mkdir(parents=True, exist_ok=True)
         # A file, not a pipe: nobody drains a pipe while the test runs, and a full one
         # would block the worker's logging.
         with open(self.log_path, "ab") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
+                *((sys.executable, "-c", FORK_AND_WAIT) if parent else ()),
                 sys.executable, "-m", "vmworker",
                 "--actor-id", self.actor_id, "--actor-name", "vm", "--actor-key", "k",
                 "--endpoint", self.endpoint, "--state-dir", str(self.state_dir),

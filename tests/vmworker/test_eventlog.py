@@ -130,6 +130,29 @@ def test_encoded_rows_are_stored_verbatim_and_keep_the_seq_contract(tmp_path: Pa
     log.close()
 
 
+def test_a_run_that_ended_unrecorded_is_closed_once(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path / "events.db")
+    assert log.close_unended_run("crash") is None  # no run has written anything yet
+    log.write_batch([record(1, "vmBooted"), record(2, "sessionEvent", "s1")], [])
+    closed = log.close_unended_run("crash")
+    assert closed is not None and (closed.seq, closed.name) == (3, "vmShutdown")
+    assert closed.payload == {"reason": "crash", "seq": 3, "epoch": log.epoch}
+    # Whoever comes next sees the run closed and adds nothing, even after a reopen.
+    assert log.close_unended_run("crash") is None
+    log.close()
+    log = EventLog.open(tmp_path / "events.db")
+    assert (log.last_seq, log.close_unended_run("hang")) == (3, None)
+    # A run known to have begun at seq 3 (its hello said so) that wrote nothing since is
+    # closed too; its own goodbye, once written, is not doubled.
+    hung = log.close_unended_run("hang", run_from=3)
+    assert hung is not None and (hung.seq, hung.payload["reason"]) == (4, "hang")
+    assert log.close_unended_run("crash", run_from=3) is None
+    log.close()
+    fresh = EventLog.open(tmp_path / "fresh.db")
+    assert fresh.close_unended_run("hang", run_from=0) is not None  # hello'd, then killed
+    fresh.close()
+
+
 def test_the_supervisor_reads_and_appends_through_the_same_contract(tmp_path: Path) -> None:
     path = log_path(tmp_path)
     assert read_events(path, 0, 10) == Page([], 0, False) and session_counts(path) == (0, 0)
@@ -138,8 +161,8 @@ def test_the_supervisor_reads_and_appends_through_the_same_contract(tmp_path: Pa
     log.write_batch([EventRecord(1, "e", None, {"seq": 1}, 0)],
                     [SessionRow("s1", "local", {}, 0, "running"), SessionRow("s2", "local", {}, 0, "closed")])
     log.close()
-    record = append_for_dead_worker(path, "vmShutdown", {"reason": "crash"})
-    assert record.payload == {"reason": "crash", "seq": 2, "epoch": log.epoch}
+    record = append_for_dead_worker(path, "crash", None)
+    assert record is not None and record.payload == {"reason": "crash", "seq": 2, "epoch": log.epoch}
     page = read_events(path, 0, 1)
     assert ([e.payload for e in page.events], page.has_more) == ([{"seq": 1, "epoch": log.epoch}], True)
     assert [e.payload for e in read_events(path, 1, 10, ["vmShutdown"]).events] == [record.payload]

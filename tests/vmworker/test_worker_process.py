@@ -11,6 +11,7 @@ import sqlite3
 import time
 
 import cbor2
+import psutil
 
 from protocol.errors import ErrorCode
 from protocol.worker import Action, ExitCode, Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
@@ -232,8 +233,12 @@ async def test_kill_9_mid_flood_loses_nothing_that_was_sent_and_reuses_no_seq(
     # Frames the killed worker had queued may still reach the router after the restart;
     # the new worker's first word is its hello.
     hello = next(m for m in harness.received if isinstance(m, Hello))
-    assert hello.last_seq == last >= seqs[-1]
-    assert (await harness.wait_event("vmBooted")).seq == last + 1
+    # Nobody recorded the killed run's end: the new worker does, before its own first event.
+    assert hello.last_seq == last + 1 and last >= seqs[-1]
+    with sqlite3.connect(f"file:{harness.actor_dir / 'events.db'}?mode=ro", uri=True) as db:
+        name, blob = db.execute("SELECT name, payload FROM events WHERE seq = ?", (last + 1,)).fetchone()
+    assert (name, cbor2.loads(blob)["reason"]) == ("vmShutdown", "crash")
+    assert (await harness.wait_event("vmBooted")).seq == last + 2
 
 
 async def test_one_worker_per_actor_a_second_waits_for_the_lock_and_writes_nothing(
@@ -257,3 +262,31 @@ async def test_one_worker_per_actor_a_second_waits_for_the_lock_and_writes_nothi
     await harness.start()
     assert actorlock.acquire(harness.actor_dir, timeout_s=0.2) is None
     assert (await harness.call("getRuntimeHealth"))["pid"] == harness.proc.pid
+
+
+async def test_an_orphaned_worker_speaks_to_no_one_and_logs_its_own_goodbye(
+        harness: WorkerHarness) -> None:
+    await harness.start(parent=True)
+    hello = harness.received[0]
+    assert isinstance(hello, Hello)
+    await harness.wait_event("vmBooted")
+    session_id = (await harness.call("createSession", "local"))["sessionId"]
+    await harness.send(Action(99, "sendPrompt", [session_id, "chunks: 100000 at 2000/s"]))
+    await harness.wait_for(lambda m: isinstance(m, WorkerEvent) and m.seq > 200)
+    assert harness.proc is not None
+    # Its parent dies as a killed supervisor's zygote does: the kernel sends it SIGTERM.
+    os.kill(harness.proc.pid, signal.SIGKILL)
+    started = time.monotonic()
+    while psutil.pid_exists(hello.pid) and time.monotonic() - started < 30:
+        await asyncio.sleep(0.05)
+    assert not psutil.pid_exists(hello.pid)
+    await asyncio.sleep(0.2)  # frames libzmq had already taken in
+
+    with sqlite3.connect(f"file:{harness.actor_dir / 'events.db'}?mode=ro", uri=True) as db:
+        name, blob = db.execute("SELECT name, payload FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    assert (name, cbor2.loads(blob)["reason"]) == ("vmShutdown", "error")
+    assert "supervisor_gone" in harness.worker_log()
+    # Its supervisor is gone: it sent nothing after it learned so, not even its goodbye,
+    # which a new supervisor on this socket would have taken for a stranger's.
+    assert not [m for m in events(harness) if m.name == "vmShutdown"]
+    assert not any(isinstance(m, Phase) and m.phase == "stopping" for m in harness.received)
