@@ -109,7 +109,8 @@ class Supervisor:
         self._owns_runtime_dir = config.runtime_dir is None
         self.runtime_dir: Path = config.runtime_dir or make_private_runtime_dir()
         self.notifier = notifier if notifier is not None else Notifier.from_env()
-        self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
+        self.hub = WorkerHub(self.runtime_dir, self._on_worker_message, self._on_worker_link,
+                             ping_interval=config.heartbeat_interval, ping_timeout=config.hang_timeout)
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
                                     self.hub.input_pending)
@@ -147,6 +148,9 @@ class Supervisor:
 
     def _on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
         self.manager.on_worker_message(actor_id, msg)
+
+    def _on_worker_link(self, pid: int, up: bool) -> None:
+        self.manager.on_worker_link(pid, up)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
