@@ -213,20 +213,23 @@ class Supervisor:
             log.error("supervisor_tick_crashed", exc_info=task.exception())
 
     async def _watchdog(self, interval: float) -> None:
-        """Ping systemd's watchdog only while the loop runs and the tick keeps ticking.
+        """Ping systemd's watchdog only while the loop runs, the tick keeps ticking and the
+        hub still watches the workers' connections.
 
         This coroutine runs on the event loop it vouches for: a blocked loop sends
         nothing. A tick that stopped (it raised, or something starves it) is stale
-        after a few heartbeat intervals; then pings stop and systemd restarts us.
+        after a few tick intervals; a hub monitor that died leaves hangs undetected.
+        Either way pings stop and systemd restarts us.
         """
         stale_after = 3 * self.config.heartbeat_interval + interval
         withheld = False
         while True:
             await asyncio.sleep(interval)
             stale = time.monotonic() - self._last_tick
-            if stale > stale_after:
+            if stale > stale_after or not self.hub.watching:
                 if not withheld:
-                    log.error("watchdog_withheld", tick_stale_s=round(stale, 1))
+                    log.error("watchdog_withheld", tick_stale_s=round(stale, 1),
+                              hub_watching=self.hub.watching)
                 withheld = True
                 continue
             withheld = False

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="how workers are started (default zygote: forked from a warm process)")
     run.add_argument("--sleep-after", type=float, help="seconds an idle actor stays up (default 300)")
     run.add_argument("--stop-timeout", type=float, help="graceful drain budget on SIGTERM (default 10)")
-    run.add_argument("--hang-timeout", type=float, help="a silent worker is hung after this, and a worker gives up on a silent supervisor after it too (default 10)")
+    run.add_argument("--hang-timeout", type=float, help="a worker connection that answers no ping for this long is dropped; a dropped worker that is stopped, or not back within this again, is hung (default 10)")
     run.add_argument("--worker-memory-mb", type=int, help="address-space limit per worker")
     run.add_argument("--worker-open-files", type=int, help="open-files limit per worker")
     run.add_argument("--implicit-cursor-grace", type=float,
