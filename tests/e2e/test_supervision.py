@@ -238,7 +238,7 @@ async def test_a_stalled_supervisor_loses_no_worker_and_a_stopped_worker_is_repl
     restarted; a worker that is itself stopped is still declared hung and replaced."""
     hang = 2.0
     sup = make_supervisor("--hang-timeout", str(hang), "--max-running-actors", "1000",
-                          "--max-creations-per-minute", "100000")
+                          "--max-creations-per-minute", "100000", "--vm-disk-mb", "64")
     keys = [f"idle-{i}" for i in range(IDLE_ACTORS)]
     async with Client(sup.url) as client:
         for first in range(0, len(keys), 25):
