@@ -406,10 +406,12 @@ class ActorManager:
     def on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
         actor = self._actors.get(actor_id)
         # A worker may speak before its spawner has reported its pid (the zygote's answer
-        # and the worker's hello race): while spawning, its messages are the new worker's.
+        # and the worker's hello race): while spawning, and from its hello on, its
+        # messages are the new worker's (a reply dropped here is an action waiting forever).
         # A durable event is relayed whoever sent it: it is committed, and the relay
         # drops what it already relayed.
-        expected = actor is not None and (actor.proc is not None or actor.state is ActorState.SPAWNING
+        expected = actor is not None and (actor.proc is not None or actor.hello
+                                          or actor.state is ActorState.SPAWNING
                                           or isinstance(msg, wire.WorkerEvent))
         if actor is None or not expected:
             log.warning("worker_message_from_unknown", actor=actor_id, type=type(msg).__name__)
