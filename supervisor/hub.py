@@ -112,7 +112,7 @@ class WorkerHub:
             frames = await self._sock.recv_multipart()
             if handled >= YIELD_EVERY:
                 # zmq.asyncio returns queued frames without yielding: under a flood of
-                # events, let connections, heartbeats and the watchdog run.
+                # events, let connections, link events and the watchdog run.
                 handled = 0
                 await asyncio.sleep(0)
             if len(frames) != 2:
