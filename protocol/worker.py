@@ -1,7 +1,11 @@
 """Supervisor ⇄ worker messages (PROTOCOL.md §6): one CBOR map per ZeroMQ frame, key `t`.
 
-Worker → supervisor: `hello`, `heartbeat`, `phase`, `event`, `events`, `reply`.
-Supervisor → worker: `action`, `heartbeat`, `sleep`, `shutdown`.
+Worker → supervisor: `hello`, `phase`, `event`, `events`, `reply`.
+Supervisor → worker: `action`, `sleep`, `shutdown`.
+
+No message carries liveness: libzmq's ZMTP heartbeat does, in the I/O threads of both
+ends (the supervisor's ROUTER pings, each worker's libzmq answers), so an idle worker
+costs neither event loop anything (docs/delivery.md, "Liveness").
 
 `events` is a run of consecutive durable events in one frame (the worker's group commit,
 sent as one ZeroMQ message): each payload travels as the very CBOR bytes the worker
@@ -31,8 +35,8 @@ class ExitCode(IntEnum):
 
     OK = 0                 # asked to stop (sleep, shutdown, SIGTERM); vmShutdown is logged
     FATAL = 1              # the event log failed: persist-then-publish cannot be kept
-    SUPERVISOR_LOST = 3    # nothing heard from the supervisor for --supervisor-timeout;
-                           # vmShutdown{reason: "error"} is logged
+    SUPERVISOR_LOST = 3    # the supervisor process (--supervisor-pid) is gone, never
+                           # merely late; vmShutdown{reason: "error"} is logged
     VM_LOST = 4            # the VM's init died under the worker; vmShutdown{reason: "error"}
                            # is logged and the next action starts a new worker and VM
     ACTOR_BUSY = 5         # another worker of this actor still held its lock: this one
@@ -53,11 +57,6 @@ class Hello:
     epoch: str | None = None
     last_seq: int = 0
     v: int = WORKER_PROTOCOL_VERSION
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +113,8 @@ class Shutdown:
     pass
 
 
-WorkerToSupervisor = Hello | Heartbeat | Phase | WorkerEvent | WorkerEvents | Reply
-SupervisorToWorker = Action | Heartbeat | Sleep | Shutdown
+WorkerToSupervisor = Hello | Phase | WorkerEvent | WorkerEvents | Reply
+SupervisorToWorker = Action | Sleep | Shutdown
 WorkerMessage = WorkerToSupervisor | SupervisorToWorker
 
 
@@ -126,8 +125,6 @@ def encode(msg: WorkerMessage) -> bytes:
         case Hello():
             body = {"t": "hello", "v": msg.v, "actorId": msg.actor_id, "pid": msg.pid,
                     "epoch": msg.epoch, "lastSeq": msg.last_seq}
-        case Heartbeat():
-            body = {"t": "heartbeat"}
         case Phase():
             body = {"t": "phase", "phase": msg.phase, "detail": msg.detail}
         case WorkerEvent():
@@ -180,8 +177,6 @@ def decode(data: bytes) -> WorkerMessage:
                 last_seq=last_seq if isinstance(last_seq, int) else 0,
                 v=_field(body, "v", int),
             )
-        case "heartbeat":
-            return Heartbeat()
         case "phase":
             detail = body.get("detail")
             return Phase(_field(body, "phase", str), detail if isinstance(detail, dict) else {})

@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import os
 import random
 import shutil
 import signal
@@ -37,6 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
+import psutil
 import structlog
 
 from protocol import worker as wire
@@ -130,7 +132,9 @@ class Actor:
     inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     connections: set[Any] = field(default_factory=set)
     started_at: float | None = None
-    last_seen: float = 0.0
+    # When the hub reported the worker's connection dropped (no answer to libzmq's pings
+    # for the hang timeout) and no new one since: a suspicion that `tick` settles.
+    link_lost_at: float | None = None
     stop_reason: ShutdownReason | None = None
     kill_reason: ShutdownReason | None = None
     exit_task: asyncio.Task[None] | None = None
@@ -176,7 +180,10 @@ class Actor:
             "eventsSeq": self.relay.last_seq,
             "eventsRelayed": self.relay.events_relayed,
             "uptimeMs": int((time.monotonic() - self.started_at) * 1000) if self.started_at and self.running else 0,
-            "lastHeartbeatAgeMs": int((time.monotonic() - self.last_seen) * 1000) if self.hello else None,
+            # Age of the last liveness evidence: 0 while libzmq's heartbeat holds the
+            # worker's connection, the time since it dropped otherwise.
+            "lastHeartbeatAgeMs": (None if not self.hello else 0 if self.link_lost_at is None
+                                   else int((time.monotonic() - self.link_lost_at) * 1000)),
         }
 
 
@@ -190,6 +197,7 @@ class ActorManager:
         self._endpoint = endpoint
         self._send = send
         self._actors: dict[str, Actor] = {}
+        self._by_pid: dict[int, Actor] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
@@ -354,8 +362,7 @@ class ActorManager:
             actor_id=actor.id, actor_name=actor.name, actor_key=actor.key,
             endpoint=self._endpoint, state_dir=self._config.state_dir.resolve(),
             boot_delay=self._config.boot_delay, generation=actor.generation,
-            heartbeat_interval=self._config.heartbeat_interval,
-            supervisor_timeout=self._config.hang_timeout, log_level=self._config.log_level,
+            supervisor_pid=os.getpid(), log_level=self._config.log_level,
             limits=limits, vm_settings=self.vm_settings,
             permission_policy=self._config.permission_policy,
         )
@@ -376,15 +383,18 @@ class ActorManager:
             self._own(asyncio.create_task(proc.wait(), name=f"reap-{actor.id}"))
             return
         actor.proc = proc
+        self._by_pid[proc.pid] = actor
         actor.kill_reason = None
         actor.started_at = time.monotonic()
-        actor.last_seen = time.monotonic()
+        actor.link_lost_at = None
         log.info("worker_spawned", actor=actor.id, pid=proc.pid, generation=actor.generation)
         actor.exit_task = asyncio.create_task(self._watch(actor, proc), name=f"watch-{actor.id}")
         self._own(actor.exit_task)
 
     async def _watch(self, actor: Actor, proc: WorkerProcess) -> None:
         status = await proc.wait()
+        if self._by_pid.get(proc.pid) is actor:
+            del self._by_pid[proc.pid]
         if actor.proc is not proc:
             return
         # The worker led its own process group: take anything it left behind with it.
@@ -461,15 +471,16 @@ class ActorManager:
     def on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
         actor = self._actors.get(actor_id)
         # A worker may speak before its spawner has reported its pid (the zygote's answer
-        # and the worker's hello race): while spawning, its messages are the new worker's.
+        # and the worker's hello race): while spawning, and from its hello on, its
+        # messages are the new worker's (a reply dropped here is an action waiting forever).
         # A durable event is relayed whoever sent it: it is committed, and the relay
         # drops what it already relayed.
-        expected = actor is not None and (actor.proc is not None or actor.state is ActorState.SPAWNING
+        expected = actor is not None and (actor.proc is not None or actor.hello
+                                          or actor.state is ActorState.SPAWNING
                                           or isinstance(msg, wire.WorkerEvent))
         if actor is None or not expected:
             log.warning("worker_message_from_unknown", actor=actor_id, type=type(msg).__name__)
             return
-        actor.last_seen = time.monotonic()
         match msg:
             case wire.Hello():
                 self._on_hello(actor, msg)
@@ -492,8 +503,25 @@ class ActorManager:
                 else:
                     assert msg.error is not None
                     fut.set_exception(msg.error)
-            case wire.Heartbeat():
-                pass
+
+    def on_worker_link(self, pid: int, up: bool) -> None:
+        """The hub saw a worker's connection accepted or dropped (supervisor/hub.py).
+
+        A drop is only a suspicion: after a stall of ours, libzmq may drop a connection
+        whose pong it had not read yet, and the worker (alive) reconnects at once. `tick`
+        settles it; a new connection from the same process clears it.
+        """
+        actor = self._by_pid.get(pid)
+        if actor is None or actor.proc is None or actor.proc.pid != pid:
+            return
+        if up:
+            if actor.link_lost_at is not None:
+                log.info("worker_link_restored", actor=actor.id, pid=pid,
+                         after_s=round(time.monotonic() - actor.link_lost_at, 1))
+            actor.link_lost_at = None
+        elif actor.state is not ActorState.STOPPING:
+            actor.link_lost_at = time.monotonic()
+            log.warning("worker_link_lost", actor=actor.id, pid=pid)
 
     def _on_hello(self, actor: Actor, hello: wire.Hello) -> None:
         if actor.proc is not None and hello.pid != actor.proc.pid:
@@ -512,9 +540,10 @@ class ActorManager:
                                                       "the actor's worker is not accepting messages"))
 
     def tick(self) -> None:
-        """Once per heartbeat interval: heartbeat workers, catch hangs, sleep idle actors."""
+        """Once per heartbeat interval: catch hangs, sleep idle actors. Sends nothing."""
         now = time.monotonic()
-        # Unread worker frames: our loop is behind, so a worker's silence proves nothing.
+        # Unread worker frames or link events: our loop is behind, and what we believe
+        # about a worker's connection may already be stale.
         judge_silence = not self._input_pending()
         for actor in self._actors.values():
             proc = actor.proc
@@ -522,10 +551,9 @@ class ActorManager:
                 actor.idle_since = None
                 continue
             if actor.hello:
-                self._send(actor.id, wire.Heartbeat())
-                if judge_silence and now - actor.last_seen > self._config.hang_timeout:
+                if judge_silence and actor.link_lost_at is not None and self._hung(actor.link_lost_at, proc.pid, now):
                     log.error("worker_hung", actor=actor.id, pid=proc.pid,
-                              silent_s=round(now - actor.last_seen, 1))
+                              link_lost_s=round(now - actor.link_lost_at, 1))
                     actor.kill_reason = ShutdownReason.HANG
                     proc.signal_group(signal.SIGKILL)
                     continue
@@ -543,6 +571,17 @@ class ActorManager:
                 log.info("actor_idle_sleep", actor=actor.id, idle_s=round(now - actor.idle_since))
                 actor.idle_since = None
                 self.stop(actor, ShutdownReason.SLEEP)
+
+    def _hung(self, link_lost_at: float, pid: int, now: float) -> bool:
+        """Is a worker whose connection dropped hung? Yes if the process is stopped (the
+        kernel says so), or if it has not reconnected within a hang timeout of the drop (a
+        running worker's libzmq reconnects within a fraction of a second)."""
+        if now - link_lost_at > self._config.hang_timeout:
+            return True
+        try:
+            return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        except psutil.Error:
+            return False  # gone: its exit is being reaped
 
     def reset(self, actor: Actor) -> None:
         """Clear a failed actor's crash history; its next action starts it again."""

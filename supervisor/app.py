@@ -95,7 +95,8 @@ class Supervisor:
                 log.info("stale_runtime_dir_removed", path=str(stale))
         self.runtime_dir: Path = config.runtime_dir or make_private_runtime_dir()
         self.notifier = notifier if notifier is not None else Notifier.from_env()
-        self.hub = WorkerHub(self.runtime_dir, self._on_worker_message)
+        self.hub = WorkerHub(self.runtime_dir, self._on_worker_message, self._on_worker_link,
+                             ping_interval=config.heartbeat_interval, ping_timeout=config.hang_timeout)
         self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
                                     self.hub.input_pending)
@@ -141,6 +142,9 @@ class Supervisor:
 
     def _on_worker_message(self, actor_id: str, msg: wire.WorkerToSupervisor) -> None:
         self.manager.on_worker_message(actor_id, msg)
+
+    def _on_worker_link(self, pid: int, up: bool) -> None:
+        self.manager.on_worker_link(pid, up)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -204,20 +208,23 @@ class Supervisor:
             log.error("supervisor_tick_crashed", exc_info=task.exception())
 
     async def _watchdog(self, interval: float) -> None:
-        """Ping systemd's watchdog only while the loop runs and the tick keeps ticking.
+        """Ping systemd's watchdog only while the loop runs, the tick keeps ticking and the
+        hub still watches the workers' connections.
 
         This coroutine runs on the event loop it vouches for: a blocked loop sends
         nothing. A tick that stopped (it raised, or something starves it) is stale
-        after a few heartbeat intervals; then pings stop and systemd restarts us.
+        after a few tick intervals; a hub monitor that died leaves hangs undetected.
+        Either way pings stop and systemd restarts us.
         """
         stale_after = 3 * self.config.heartbeat_interval + interval
         withheld = False
         while True:
             await asyncio.sleep(interval)
             stale = time.monotonic() - self._last_tick
-            if stale > stale_after:
+            if stale > stale_after or not self.hub.watching:
                 if not withheld:
-                    log.error("watchdog_withheld", tick_stale_s=round(stale, 1))
+                    log.error("watchdog_withheld", tick_stale_s=round(stale, 1),
+                              hub_watching=self.hub.watching)
                 withheld = True
                 continue
             withheld = False

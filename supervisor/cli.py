@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--cron-min-interval", type=float,
                      help="seconds: scheduleCron refuses a schedule that may fire more often (default 1)")
     run.add_argument("--stop-timeout", type=float, help="graceful drain budget on SIGTERM (default 10)")
-    run.add_argument("--hang-timeout", type=float, help="a silent worker is hung after this, and a worker gives up on a silent supervisor after it too (default 10)")
+    run.add_argument("--hang-timeout", type=float, help="a worker connection that answers no ping for this long is dropped; a dropped worker that is stopped, or not back within this again, is hung (default 10)")
     run.add_argument("--worker-memory-mb", type=int, help="address-space limit per worker")
     run.add_argument("--worker-open-files", type=int, help="open-files limit per worker")
     run.add_argument("--implicit-cursor-grace", type=float,

@@ -98,8 +98,8 @@ class Config:
     boot_delay: float = 0.0
     # Workers and their supervision.
     spawner: str = "zygote"            # or "subprocess"
-    heartbeat_interval: float = 1.0
-    hang_timeout: float = 10.0         # no traffic at all from a worker for this long: hung
+    heartbeat_interval: float = 1.0    # libzmq pings each worker connection this often; the tick
+    hang_timeout: float = 10.0         # no pong for this long: the connection drops (docs/delivery.md)
     hello_timeout: float = 30.0        # a started worker must say hello within this
     sleep_after: float = 300.0         # idle actors (no connection, no action) sleep
     stop_timeout: float = 10.0         # graceful drain budget on SIGTERM

@@ -128,14 +128,12 @@ def flags_of(actor: JSON, sup: JSON) -> list[str]:
     process = actor.get("process") or {}
     if actor["state"] in ("failed", "crashed", "boot_failed"):
         flags.append(FAILED)
+    # Liveness evidence is 0 ms old while libzmq's heartbeat holds the worker's connection;
+    # any age means the connection dropped after a hang timeout without a pong.
     age = actor.get("lastHeartbeatAgeMs")
-    interval = sup.get("heartbeatIntervalMs", 1000)
-    hang = sup.get("hangTimeoutMs", 5000)
-    if process.get("status") == psutil.STATUS_STOPPED or (age is not None and age >= hang / 2):
+    if process.get("status") == psutil.STATUS_STOPPED or (age is not None and age > 0):
         flags.append(HUNG)
-    elif age is not None and age > 2 * interval:
-        flags.append(SLOW)
-    if SLOW not in flags and actor.get("maxQueuedBytes", 0) >= sup.get("connQueueBytes", 1 << 62) / 4:
+    if actor.get("maxQueuedBytes", 0) >= sup.get("connQueueBytes", 1 << 62) / 4:
         flags.append(SLOW)
     return flags
 

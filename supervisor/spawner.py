@@ -48,12 +48,11 @@ class WorkerSpec:
     state_dir: Path
     boot_delay: float
     generation: int
-    heartbeat_interval: float
-    supervisor_timeout: float
     log_level: str
     limits: dict[str, int] = field(default_factory=dict)
     vm_settings: str = ""   # vmworker.vm.VmSettings.to_arg()
     permission_policy: str = "ask"
+    supervisor_pid: int | None = None   # the worker leaves when this process is gone
 
     def worker_args(self) -> list[str]:
         """Arguments of `python -m vmworker`, whichever way the process is made."""
@@ -65,10 +64,8 @@ class WorkerSpec:
             "--state-dir", str(self.state_dir),
             "--boot-delay", repr(self.boot_delay),
             "--generation", str(self.generation),
-            "--heartbeat-interval", repr(self.heartbeat_interval),
-            # The worker gives up on a silent supervisor as soon as we give up on it.
-            "--supervisor-timeout", repr(self.supervisor_timeout),
             "--log-level", self.log_level,
+            *(["--supervisor-pid", str(self.supervisor_pid)] if self.supervisor_pid else []),
             *(["--vm-settings", self.vm_settings] if self.vm_settings else []),
             "--permission-policy", self.permission_policy,
         ]

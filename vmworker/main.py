@@ -1,8 +1,8 @@
 """The worker process: one actor, one VM, one DEALER socket to the supervisor.
 
 Owns the process lifecycle — say hello before booting, boot in the background, serve
-actions concurrently, heartbeat both ways, and shut down cleanly on `sleep`, `shutdown`,
-SIGTERM or a silent supervisor — and every task it starts: each one is cancelled and
+actions concurrently, and shut down cleanly on `sleep`, `shutdown`, SIGTERM or the death
+of its supervisor — and every task it starts: each one is cancelled and
 awaited on the way out, and every sandboxed command is killed. Everything it sends goes
 through the outbox, in order. It never blocks the event loop on the disk, never crashes
 on a bad frame, and never exits with a child process still running.
@@ -31,7 +31,7 @@ import zmq.asyncio
 
 from protocol.errors import ActorvisorError, ErrorCode, ProtocolError
 from protocol.names import EventName, ShutdownReason, WorkerPhase
-from protocol.worker import Action, ExitCode, Heartbeat, Hello, Phase, Reply, Shutdown, Sleep, decode
+from protocol.worker import Action, ExitCode, Hello, Phase, Reply, Shutdown, Sleep, decode
 
 from . import actorlock, credentials, logs, vmroot
 from .actions import Actions
@@ -60,8 +60,7 @@ class Config:
     state_dir: Path
     boot_delay_s: float
     generation: int
-    heartbeat_interval_s: float
-    supervisor_timeout_s: float
+    supervisor_pid: int | None
     log_level: str
     vm: VmSettings
     permission_policy: PermissionPolicy = PermissionPolicy.ASK
@@ -82,10 +81,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--generation", type=int, default=0)
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--lock-timeout", type=float, default=actorlock.WAIT_S, metavar="SECONDS",
                         help="how long to wait for a previous worker of this actor to end")
-    parser.add_argument("--supervisor-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--supervisor-pid", type=int, metavar="PID",
+                        help="leave when this process is gone (its lateness is never a reason)")
     parser.add_argument("--log-level", default="info", choices=logs.LEVELS)
     parser.add_argument("--vm-settings", type=VmSettings.from_arg, default=VmSettings(),
                         help="the VM's limits and identity range, as JSON (vm.VmSettings)")
@@ -96,12 +95,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     # The id names a directory: it must be one plain path component.
     if not ns.actor_id or "/" in ns.actor_id or "\0" in ns.actor_id or ns.actor_id in (".", ".."):
         parser.error(f"--actor-id {ns.actor_id!r} is not usable as a directory name")
-    for flag, value in (("--boot-delay", ns.boot_delay), ("--heartbeat-interval", ns.heartbeat_interval),
-                        ("--supervisor-timeout", ns.supervisor_timeout)):
-        if not value >= 0 or (flag != "--boot-delay" and value == 0):
-            parser.error(f"{flag} must be positive")
+    if not ns.boot_delay >= 0:
+        parser.error("--boot-delay must not be negative")
+    if ns.supervisor_pid is not None and ns.supervisor_pid <= 0:
+        parser.error("--supervisor-pid must be positive")
     return Config(ns.actor_id, ns.actor_name, ns.actor_key, ns.endpoint, ns.state_dir,
-                  ns.boot_delay, ns.generation, ns.heartbeat_interval, ns.supervisor_timeout,
+                  ns.boot_delay, ns.generation, ns.supervisor_pid,
                   ns.log_level, ns.vm_settings, ns.permission_policy, ns.lock_timeout)
 
 
@@ -120,7 +119,6 @@ class Worker:
         self._stop_reason = ShutdownReason.SLEEP
         self._exit_code = ExitCode.OK
         self._stopping = False
-        self._last_heard = time.monotonic()
         self._actions_running: set[asyncio.Task[None]] = set()
         # Our supervisor (or its zygote): when it dies, the kernel sends us SIGTERM
         # (die_with_parent) and we are reparented, so getppid() stops naming it.
@@ -156,10 +154,10 @@ class Worker:
         ctx = zmq.asyncio.Context()
         sock = self._sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, cfg.actor_id.encode())
+        # No HEARTBEAT_TIMEOUT here, on purpose: our libzmq answers the supervisor's ZMTP
+        # pings in its I/O thread, and a supervisor too busy or stopped to ping us is no
+        # reason to drop a connection (and the frames queued on it).
         sock.connect(cfg.endpoint)
-        # The supervisor's silence counts from our first word, not from before a wait for
-        # the lock (a previous worker draining can hold it longer than the timeout).
-        self._last_heard = time.monotonic()
 
         self.outbox = Outbox(event_log, self._send_frame, writer)
         self.outbox.send(Hello(cfg.actor_id, os.getpid(), event_log.epoch, event_log.last_seq))
@@ -179,10 +177,10 @@ class Worker:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
+        supervisor = self._watch_supervisor(loop)
         writer_task = asyncio.create_task(self.outbox.run(), name="outbox")
         background = [
             asyncio.create_task(self._receive(sock), name="receive"),
-            asyncio.create_task(self._heartbeat(sock), name="heartbeat"),
             asyncio.create_task(self._watch_vm(), name="watch-vm"),
         ]
         boot_task = asyncio.create_task(self._boot(), name="boot")
@@ -200,6 +198,9 @@ class Worker:
             deadline = threading.Timer(HARD_DEADLINE_S, os._exit, (int(ExitCode.FATAL),))
             deadline.daemon = True
             deadline.start()
+            if supervisor is not None:
+                loop.remove_reader(supervisor)
+                os.close(supervisor)
             for task in (*background, writer_task, boot_task, stop_task):
                 task.cancel()
             await asyncio.gather(*background, writer_task, boot_task, stop_task,
@@ -319,7 +320,6 @@ class Worker:
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart()
-            self._last_heard = time.monotonic()
             try:
                 # The ROUTER strips our identity; the message is the last frame even if
                 # a peer adds an empty delimiter in front of it.
@@ -330,8 +330,6 @@ class Worker:
             match msg:
                 case Action():
                     self._start_action(msg)
-                case Heartbeat():
-                    pass
                 case Sleep():
                     self.request_stop(ShutdownReason.SLEEP)
                 case Shutdown():
@@ -366,18 +364,34 @@ class Worker:
         self.log.debug("action_done", action=action.name, id=action.id,
                        ms=round((time.monotonic() - started) * 1000, 1))
 
-    async def _heartbeat(self, sock: zmq.asyncio.Socket) -> None:
-        cfg = self.config
-        while True:
-            await asyncio.sleep(min(cfg.heartbeat_interval_s, cfg.supervisor_timeout_s / 2))
-            self.outbox.send(Heartbeat())
-            silent_for = time.monotonic() - self._last_heard
-            # Frames already waiting mean the supervisor spoke and we were the slow one
-            # (a starved CPU, not a silent supervisor): let the receive loop catch up.
-            if silent_for > cfg.supervisor_timeout_s and not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
-                self.log.warning("supervisor_lost", silent_s=round(silent_for, 1))
-                self.request_stop(ShutdownReason.ERROR, ExitCode.SUPERVISOR_LOST)
-                return
+    def _watch_supervisor(self, loop: asyncio.AbstractEventLoop) -> int | None:
+        """Leave when the supervisor process is gone, and only then.
+
+        A late supervisor is no evidence of anything (a stopped or overloaded one comes
+        back, and finds us): its exit is. The parent-death signal (SIGTERM, via the
+        zygote) usually tells us first; a pidfd on the supervisor also covers a parent that
+        died before that signal was asked for. Returns the pidfd, for `run` to close.
+        """
+        pid = self.config.supervisor_pid
+        if pid is None:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._supervisor_gone()
+            return None
+        # Readable once the process has exited; one report is enough.
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            self._supervisor_gone()
+        loop.add_reader(pidfd, exited)
+        return pidfd
+
+    def _supervisor_gone(self) -> None:
+        """Evidence of the same death as an orphaning SIGTERM, whichever comes first."""
+        self.log.warning("supervisor_lost", supervisor_pid=self.config.supervisor_pid)
+        if not self._orphaned.is_set():
+            self._orphan()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

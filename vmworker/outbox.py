@@ -2,7 +2,7 @@
 
 Owns `seq` assignment and the order of every outbound frame. `append()` gives a durable
 event the next seq at the moment it is called; `send()` queues a non-durable message
-(hello, phase, reply, heartbeat) behind everything queued before it. One writer task
+(hello, phase, reply) behind everything queued before it. One writer task
 drains the queue in batches: it commits every durable event of the batch in a single
 SQLite transaction (on the log's own thread), then sends the whole batch in queue order,
 each run of consecutive events as one `events` frame carrying the payload bytes that were

@@ -46,6 +46,24 @@ async def test_pings_stop_while_the_loop_is_blocked_and_when_the_tick_dies(tmp_p
         notify.close()
 
 
+async def test_pings_stop_when_the_hub_stops_watching_worker_connections(tmp_path: Path):
+    notify = NotifySocket(tmp_path / "notify")
+    config = Config(port=0, state_dir=tmp_path / "state", heartbeat_interval=0.2)
+    sup = Supervisor(config, notifier=Notifier(str(notify.path), watchdog_usec=200_000))
+    try:
+        await sup.start()
+        await notify.until(lambda got: pings(got) >= 2)
+        assert sup.hub._monitor_task is not None
+        sup.hub._monitor_task.cancel()  # link events stop: a hung worker would go unseen
+        await asyncio.gather(sup.hub._monitor_task, return_exceptions=True)
+        notify.drain()  # whatever was sent before
+        await asyncio.sleep(1.0)
+        assert pings(notify.drain()) == 0
+    finally:
+        await sup.stop()
+        notify.close()
+
+
 async def test_status_follows_the_actors_and_stopping_is_sent(tmp_path: Path):
     notify = NotifySocket(tmp_path / "notify")
     config = Config(port=0, state_dir=tmp_path / "state", heartbeat_interval=0.1)

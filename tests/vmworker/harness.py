@@ -25,7 +25,6 @@ import zmq.asyncio
 from protocol.errors import ActorvisorError
 from protocol.worker import (
     Action,
-    Heartbeat,
     Hello,
     Reply,
     SupervisorToWorker,
@@ -52,8 +51,7 @@ class WorkerHarness:
     tmp: Path
     actor_id: str = "actor1"
     boot_delay: float = 0.0
-    supervisor_timeout: float = 10.0
-    heartbeat_interval: float = 0.2
+    supervisor_pid: int | None = None   # the process whose exit the worker leaves on
     generation: int = 0
     received: list[WorkerToSupervisor] = field(default_factory=list)
     uncommitted: list[int] = field(default_factory=list)  # events seen before their commit
@@ -69,7 +67,6 @@ class WorkerHarness:
         self._ids = itertools.count(1)
         self._arrived = asyncio.Condition()
         self._pump: asyncio.Task[None] | None = None
-        self._beat: asyncio.Task[None] | None = None
         self.identity: bytes | None = None
         self._db: sqlite3.Connection | None = None
 
@@ -77,7 +74,7 @@ class WorkerHarness:
     def actor_dir(self) -> Path:
         return self.state_dir / "actors" / self.actor_id
 
-    async def start(self, *extra: str, heartbeats: bool = True, parent: bool = False) -> None:
+    async def start(self, *extra: str, parent: bool = False) -> None:
         """Start the worker (with `parent`, as the child of a process of its own between us
         and it, as the zygote is: `proc` is that parent, the hello names the worker)."""
         self.actor_dir.mkdir(parents=True, exist_ok=True)
@@ -90,8 +87,8 @@ class WorkerHarness:
                 "--actor-id", self.actor_id, "--actor-name", "vm", "--actor-key", "k",
                 "--endpoint", self.endpoint, "--state-dir", str(self.state_dir),
                 "--boot-delay", str(self.boot_delay), "--generation", str(self.generation),
-                "--heartbeat-interval", str(self.heartbeat_interval),
-                "--supervisor-timeout", str(self.supervisor_timeout), "--log-level", "debug",
+                "--log-level", "debug",
+                *(["--supervisor-pid", str(self.supervisor_pid)] if self.supervisor_pid else []),
                 "--vm-settings", vm_settings(self.state_dir).to_arg(),
                 *extra,
                 cwd=REPO,
@@ -103,8 +100,6 @@ class WorkerHarness:
         self.received.clear()
         self._pump = asyncio.create_task(self._pump_frames())
         await self.wait_for(lambda m: isinstance(m, Hello))
-        if heartbeats:
-            self._beat = asyncio.create_task(self._send_heartbeats())
 
     async def _pump_frames(self) -> None:
         while True:
@@ -118,7 +113,7 @@ class WorkerHarness:
                 self.received.extend(messages)
                 self._arrived.notify_all()
             # zmq.asyncio's recv does not yield while frames are queued: without this a
-            # flood would starve the heartbeat task (and the worker would leave).
+            # flood would starve the test's own tasks.
             await asyncio.sleep(0)
 
     def _committed(self, seq: int) -> bool:
@@ -127,12 +122,6 @@ class WorkerHarness:
             self._db = sqlite3.connect(f"file:{self.actor_dir / 'events.db'}?mode=ro", uri=True)
         row = self._db.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone()
         return row is not None
-
-    async def _send_heartbeats(self) -> None:
-        while True:
-            if self.identity is not None:
-                await self.send(Heartbeat())
-            await asyncio.sleep(self.heartbeat_interval)
 
     async def send(self, msg: SupervisorToWorker) -> None:
         assert self.identity is not None, "worker has not said hello yet"
@@ -193,10 +182,9 @@ class WorkerHarness:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     async def close(self) -> None:
-        for task in (self._pump, self._beat):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._pump, self._beat) if t), return_exceptions=True)
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
         if self.proc is not None:
             leftovers = descendants(self.proc.pid)
             if self.proc.returncode is None:
