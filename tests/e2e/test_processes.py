@@ -136,10 +136,14 @@ async def test_the_python_client_drives_processes_and_shells(supervisor: Any) ->
         assert b"".join([c.data async for c in cat.output()]) == b"one two three"
 
         shell = await procs.open_shell(command="/bin/sh", cols=80, rows=24)
+        output = aiter(shell.output())
         await shell.write("stty size\n")
+        screen = b""
+        while b"24 80" not in screen:  # resized only once the first size was printed
+            screen += (await anext(output)).data
         await shell.resize(120, 40)
         await shell.write("stty size; exit 0\n")
-        screen = b"".join([c.data async for c in shell.output()])
+        screen += b"".join([c.data async for c in output])
         assert b"24 80" in screen and b"40 120" in screen, screen
         assert await shell.wait() == ProcessExit(0, None)
         await conn.close()

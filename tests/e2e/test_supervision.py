@@ -162,7 +162,9 @@ async def test_sigterm_drains_cleanly(make_supervisor, boot_delay):
             for conn in conns:
                 await conn.close()
     assert rc == 0, sup.logs()[-3000:]
-    assert elapsed < 5 + 5, elapsed
+    # It did not wait out the 30 s boots: the stop timeout (5 s) bounds the drain. (Not a
+    # speed check: a loaded machine adds seconds to the processes' own exits.)
+    assert elapsed < 25, elapsed
     assert _our_processes(tree) == []
     assert "supervisor_stopped" in sup.logs()
     # No stale ipc socket: the runtime dir it made is gone.
