@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -93,9 +94,13 @@ def worker_exits(sup: SupervisorProc) -> list[str]:
     """Every unexpected worker exit the supervisor logged (status and reason), in order."""
     exits = []
     for line in sup.logs().splitlines():
-        if "worker_exited" in line:
-            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            exits.append(f"status {words.get('status', '?')} ({words.get('reason', '?')})")
+        if "worker_exited" not in line:
+            continue
+        try:
+            entry = json.loads(line)  # the supervisor logs JSON when stderr is not a TTY
+        except ValueError:
+            entry = {}
+        exits.append(f"status {entry.get('status', '?')} ({entry.get('reason', '?')})")
     return exits
 
 
