@@ -488,12 +488,18 @@ def encode_to_client(msg: ToClient, encoding: Encoding) -> bytes | str:
 
 # Bytes that may start a CBOR item `compat.escape(form=CBOR)` would change, or that
 # cbor2 never writes for a service value: an 8-byte integer head (beyond 2**32, written
-# as a float for cbor-x), any tag (bignums), a float (NaN and infinities are refused);
-# and a two-item array whose first item is a string starting with `$` (escaped by
-# doubling the `$`). Found inside a string, such a byte only costs the slow path.
-_MAY_NEED_ESCAPE: Final = re.compile(
-    rb"[\x1b\x3b\xc0-\xdb\xf9-\xfb]"
-    rb"|\x82(?:[\x61-\x77]|\x78.|\x79..|\x7a.{4}|\x7b.{8})\$", re.DOTALL)
+# as a float for cbor-x), any tag (bignums), a float (NaN and infinities are refused).
+# Found inside a string, such a byte only costs the slow path.
+_SUSPECT_BYTES: Final = bytes([0x1B, 0x3B, *range(0xC0, 0xDC), 0xF9, 0xFA, 0xFB])
+# A two-item array whose first item is a string starting with `$` (escaped by doubling it).
+_DOLLAR_PAIR: Final = re.compile(rb"\x82(?:[\x61-\x77]|\x78.|\x79..|\x7a.{4}|\x7b.{8})\$", re.DOTALL)
+
+
+def _may_need_escape(cbor: bytes) -> bool:
+    # translate() and `in` run in C over the bytes; the regex only when a `$` is there.
+    if len(cbor.translate(None, _SUSPECT_BYTES)) != len(cbor):
+        return True
+    return b"$" in cbor and _DOLLAR_PAIR.search(cbor) is not None
 
 
 def _cbor_head(major: int, value: int) -> bytes:
@@ -526,19 +532,19 @@ def event_frame_from_cbor(name: str, payload: bytes, epoch: str, encoding: Encod
     The relay's hot path: a worker's event arrives as the CBOR map it committed (without
     `epoch`), and for cbor and bare clients a service value's CBOR is already its wire form
     unless it holds something `compat.escape` rewrites. Returns None when the bytes might
-    (see `_MAY_NEED_ESCAPE`), for json, or when `payload` is not a definite-length map:
+    (see `_may_need_escape`), for json, or when `payload` is not a definite-length map:
     the caller then encodes the decoded value the long way. Byte for byte the same frame.
     Given `seq`, a payload ending with the entry `"seq": seq` (as the worker writes it) is
     not scanned there: its integer's bytes alone would send one event in eight the long way.
     """
     if encoding is Encoding.JSON:
         return None
-    scanned = len(payload)
+    scanned = payload
     if seq is not None and 0 <= seq < 1 << 32:
         tail = b"\x63seq" + _cbor_head(0, seq)
         if payload.endswith(tail):
-            scanned -= len(tail)
-    if _MAY_NEED_ESCAPE.search(payload, 0, scanned) or b"\x65epoch" in payload:
+            scanned = payload[:-len(tail)]
+    if _may_need_escape(scanned) or b"\x65epoch" in payload:
         return None  # (a payload that may hold `epoch` already: no second one spliced in)
     head = _cbor_map_length(payload)
     if head is None:
