@@ -109,10 +109,22 @@ def mean_uss(sup: SupervisorProc) -> float:
     return statistics.mean(uss) if uss else 0.0
 
 
+async def start_idle(client: Client, key: str, lost: list[str]) -> None:
+    """Start an actor; an answer that never comes is counted and the action sent again."""
+    for _ in range(3):
+        try:
+            await asyncio.wait_for(client.action("vm", key, "getRuntimeHealth"), 60)
+            return
+        except TimeoutError:
+            lost.append(key)
+    raise RuntimeError(f"{key}: no answer to three getRuntimeHealth in a row")
+
+
 async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float], float, float, list[str]]]:
     sup = SupervisorProc(tmp / "capacity", free_port(), ["--log-level", "warning", *UNCAPPED], dict(os.environ))
     sup.start()
     rows = []
+    lost: list[str] = []
     try:
         await cold_starts(sup, 1, "probe")
         await wait_all_booted(sup, 1)
@@ -121,7 +133,7 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
         async with Client(sup.url) as client:
             for level in levels:
                 while running < level:
-                    batch = [client.action("vm", f"idle-{i}", "getRuntimeHealth")
+                    batch = [start_idle(client, f"idle-{i}", lost)
                              for i in range(running, min(level, running + 20))]
                     await asyncio.gather(*batch)
                     running += len(batch)
@@ -131,7 +143,12 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
                 avail = psutil.virtual_memory().available / 2**30
                 rows.append((level, lat, avail, mean_uss(sup), worker_exits(sup)))
                 print(f"  {level} idle actors: Init p99 {pct(lat, .99):.2f} ms, "
-                      f"{len(rows[-1][4])} worker exits so far", flush=True)
+                      f"{len(rows[-1][4])} worker exits, {len(lost)} unanswered actions so far",
+                      flush=True)
+        if lost:
+            print(f"actions never answered while starting idle actors (sent again): {len(lost)}; "
+                  f"supervisor log: {sup.logs().count('worker_message_from_unknown')} "
+                  "worker_message_from_unknown", flush=True)
     finally:
         sup.stop()
     return rows
