@@ -113,7 +113,7 @@ async def start_idle(client: Client, key: str, lost: list[str]) -> None:
     """Start an actor; an answer that never comes is counted and the action sent again."""
     for _ in range(3):
         try:
-            await asyncio.wait_for(client.action("vm", key, "getRuntimeHealth"), 60)
+            await asyncio.wait_for(client.action("vm", key, "getRuntimeHealth"), 10)
             return
         except TimeoutError:
             lost.append(key)
