@@ -115,7 +115,17 @@ async def prepare_actors(sup: SupervisorProc, keys: list[str]) -> dict[str, str]
     async with Client(sup.url) as client:
         async def one(key: str) -> None:
             async with sem:
-                sessions[key] = (await client.action("vm", key, "createSession", "local", {}))["sessionId"]
+                # A start whose answer never comes (issue 11: a worker's first messages
+                # dropped) is asked again rather than hanging the run.
+                for _ in range(3):
+                    try:
+                        created = await asyncio.wait_for(
+                            client.action("vm", key, "createSession", "local", {}), 30)
+                    except TimeoutError:
+                        continue
+                    sessions[key] = created["sessionId"]
+                    return
+                raise RuntimeError(f"{key}: no answer to three createSession in a row")
         await asyncio.gather(*(one(key) for key in keys))
     return sessions
 
