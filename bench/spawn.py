@@ -117,7 +117,7 @@ async def start_idle(client: Client, key: str, lost: list[str]) -> None:
             return
         except TimeoutError:
             lost.append(key)
-    raise RuntimeError(f"{key}: no answer to three getRuntimeHealth in a row")
+    print(f"  {key}: no answer to three getRuntimeHealth in a row; going on", flush=True)
 
 
 async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float], float, float, list[str]]]:
@@ -145,11 +145,12 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
                 print(f"  {level} idle actors: Init p99 {pct(lat, .99):.2f} ms, "
                       f"{len(rows[-1][4])} worker exits, {len(lost)} unanswered actions so far",
                       flush=True)
-        if lost:
-            print(f"actions never answered while starting idle actors (sent again): {len(lost)}; "
-                  f"supervisor log: {sup.logs().count('worker_message_from_unknown')} "
-                  "worker_message_from_unknown", flush=True)
     finally:
+        logs = sup.logs()
+        print(f"actions never answered while starting idle actors (sent again): {len(lost)}; "
+              f"supervisor log: {logs.count('worker_message_from_unknown')} "
+              f"worker_message_from_unknown, worker exits {', '.join(worker_exits(sup)) or 'none'}",
+              flush=True)
         sup.stop()
     return rows
 
