@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.conn_setup import measure, pct  # noqa: E402
-from bench.spawn import UNCAPPED  # noqa: E402
+from bench.spawn import UNCAPPED, worker_exits  # noqa: E402
 from protocol.aio import Client  # noqa: E402
 from protocol.client import Encoding, SubscriptionRequest, encode_to_server  # noqa: E402
 from supervisor.fdlimit import raise_nofile_limit  # noqa: E402
@@ -162,7 +162,7 @@ async def main(args: argparse.Namespace) -> None:
                 ready = tmp / f"ready-{i}"
                 clients.append((subprocess.Popen(
                     [sys.executable, __file__, "--client", sup.url, ",".join(share), str(args.per_actor),
-                     str(count + 1), str(ready), str(args.hold * 3 + 120)],
+                     str(count + 1), str(ready), str(args.hold * 2 + 30)],
                     stdout=subprocess.PIPE, cwd=ROOT), ready))
             while not all(ready.exists() for _, ready in clients):
                 if any(p.poll() is not None for p, _ in clients) or time.monotonic() - started > 600:
@@ -178,20 +178,21 @@ async def main(args: argparse.Namespace) -> None:
             async with Client(sup.url) as client:
                 prompts = asyncio.gather(*(client.action("vm", key, "sendPrompt", sessions[key],
                                                          f"chunks: {count} at {args.rate:g}/s")
-                                           for key in keys))
+                                           for key in keys), return_exceptions=True)
                 await asyncio.sleep(min(5.0, args.hold / 3))
                 loaded = await measure(sup.url, ["probe"], args.init_conns, 10)
                 while not prompts.done():
                     rss_max = max(rss_max, proc.memory_info().rss)
                     await asyncio.sleep(0.5)
-                await prompts
+                failed = [str(r) for r in await prompts if isinstance(r, BaseException)]
             held_s = time.monotonic() - t0
             cpu = (sum(proc.cpu_times()[:2]) - cpu0) / held_s * 100
             results = []
             for client_proc, _ in clients:
-                out, _ = client_proc.communicate(timeout=args.hold * 3 + 180)
+                out, _ = client_proc.communicate(timeout=args.hold * 2 + 90)
                 results.append(json.loads(out.decode().strip().splitlines()[-1]))
             limit = nofile_limit(sup.proc.pid)
+            exits = worker_exits(sup)
         finally:
             for client_proc, _ in clients:
                 if client_proc.poll() is None:
@@ -216,6 +217,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"events delivered {total['received']:,} of {expected:,}: missing {total['missing']:,} "
           f"(on {total['short']} connections, {total['closed']} closed by the server), "
           f"out of order or repeated {total['out_of_order']}")
+    print(f"worker exits: {len(exits)} {', '.join(sorted(set(exits)))}; prompts that failed: "
+          f"{len(failed)} {'; '.join(sorted(set(failed)))[:300]}")
 
 
 if __name__ == "__main__":
