@@ -83,7 +83,7 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
         async def drain(ws: aiohttp.ClientWebSocketResponse) -> None:
             got, last = 0, 0
             deadline = time.monotonic() + timeout
-            while got < frames:
+            while got < frames and time.monotonic() < deadline:
                 try:
                     msg = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
                 except TimeoutError:
@@ -191,6 +191,7 @@ async def main(args: argparse.Namespace) -> None:
             for client_proc, _ in clients:
                 out, _ = client_proc.communicate(timeout=args.hold * 2 + 90)
                 results.append(json.loads(out.decode().strip().splitlines()[-1]))
+            delivered_s = time.monotonic() - t0
             limit = nofile_limit(sup.proc.pid)
             exits = worker_exits(sup)
         finally:
@@ -214,6 +215,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{'connections held, events':>28}{pct(loaded, .5):>9.2f}{pct(loaded, .99):>9.2f}"
           f"   p99 ratio {pct(loaded, .99) / pct(idle, .99):.2f}")
     expected = total["connections"] * (count + 1)
+    print(f"frames delivered {total['received'] / delivered_s:,.0f}/s until the clients were done "
+          f"({delivered_s:.0f} s after the events started)")
     print(f"events delivered {total['received']:,} of {expected:,}: missing {total['missing']:,} "
           f"(on {total['short']} connections, {total['closed']} closed by the server), "
           f"out of order or repeated {total['out_of_order']}")
