@@ -190,7 +190,11 @@ async def main(args: argparse.Namespace) -> None:
             results = []
             for client_proc, _ in clients:
                 assert client_proc.stdout is not None
-                line = await asyncio.to_thread(client_proc.stdout.readline)
+                line = b""
+                while not line.startswith(b"{"):  # (the fd-limit log line comes first)
+                    line = await asyncio.to_thread(client_proc.stdout.readline)
+                    if not line:
+                        raise RuntimeError("a bench client ended without its report")
                 results.append(json.loads(line.decode()))
             delivered_s = time.monotonic() - t0
             limit = nofile_limit(sup.proc.pid)
