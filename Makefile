@@ -58,7 +58,10 @@ bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/relay.py --events 20000 --subscribers 1,10 --latency-events 2000 --rate 1000
 	$(BIN)/python bench/sandbox.py --vms 4 --commands 100
 	$(BIN)/python bench/spawn.py --actors 20 --levels 0,200
-	@for f in bench/*.py; do case $$f in bench/__init__.py|bench/conn_setup.py|bench/relay.py|bench/sandbox.py|bench/spawn.py) ;; \
+	$(BIN)/python bench/connections.py --actors 10 --per-actor 50 --rate 20 --hold 10
+	$(BIN)/python bench/processes.py --mb 16 --keys 100
+	$(BIN)/python bench/network.py --mb 64 --runs 1
+	@for f in bench/*.py; do case $$f in bench/__init__.py|bench/conn_setup.py|bench/relay.py|bench/sandbox.py|bench/spawn.py|bench/connections.py|bench/processes.py|bench/network.py) ;; \
 	  *) echo "== $$f"; $(BIN)/python $$f || exit 1;; esac; done
 
 # Opt-in, not part of `make test`: boots a Debian tree under systemd-nspawn with the unit

@@ -1,18 +1,22 @@
-"""Benchmark: event fan-out through the full path, against a bare aiohttp broadcast.
+"""Benchmark: one actor's events through the full path, against bare baselines.
 
-Full path: the local agent in a worker emits N events → SQLite (group commit) → ZeroMQ →
-supervisor relay (encode once) → every subscribed WebSocket. Baseline, in the same run:
-a bare aiohttp server that only broadcasts the very same frames (captured from the full
-path) to the same number of identical clients. The ratio says what sequencing,
-persistence and supervision cost on top of the WebSocket writes themselves.
+Throughput. Full path: the local agent in a worker emits N events → SQLite (group commit,
+`synchronous=FULL`) → ZeroMQ → supervisor relay (encode once) → every subscribed
+WebSocket. Baseline, in the same run: a bare aiohttp server that only broadcasts the very
+same frames (captured from the full path) to the same number of identical clients. Also
+the CPU time the supervisor and the worker spend per event (what load does not change).
 
-Then end-to-end latency at a fixed rate: events stamped with their emission time in the
-worker, received by subscribers through the full path (p50/p99).
+Latency, as a ratio. End-to-end p50/p99 at a fixed rate to K subscribers: events stamped
+with their emission time in the worker, received by subscribers in a client process.
+Baseline, in the same run, with the same processes and hops but no sequencing and no
+persistence: a producer process stamps the same frames at the same rate and sends them
+over ZeroMQ (ipc) to a bare aiohttp broadcaster process, which writes each to the K
+subscribers of an identical client process.
 
 Clients run in separate processes (--client-procs) so that the server, not the client,
-is what is measured; both cases use the same client code.
+is what is measured; every case uses the same client code.
 
-    .venv/bin/python bench/relay.py [--events 5000] [--subscribers 1,10,100] [--rate 500]
+    .venv/bin/python bench/relay.py [--events 20000] [--subscribers 1,10,100] [--rate 1000]
 """
 
 from __future__ import annotations
@@ -27,20 +31,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import aiohttp
+import cbor2
+import psutil
+import zmq
+import zmq.asyncio
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.conn_setup import pct  # noqa: E402
 from protocol.aio import Client  # noqa: E402
 from protocol.client import (  # noqa: E402
     Encoding,
     Event,
     SubscriptionRequest,
     decode_to_client,
+    encode_to_client,
     encode_to_server,
 )
 from tests.support import SupervisorProc, free_port  # noqa: E402
@@ -101,18 +111,44 @@ def finish_clients(started: list[tuple[subprocess.Popen[bytes], Path]]) -> float
 
 # ---- the two servers ------------------------------------------------------------------
 
-async def full_path(sup: SupervisorProc, subscribers: int, events: int, procs: int, tmp: Path) -> float:
+def worker_pids(sup: SupervisorProc) -> set[int]:
+    """The supervisor's worker processes (children of its zygote, bwrap not included)."""
+    assert sup.proc is not None
+    pids: set[int] = set()
+    for zygote in psutil.Process(sup.proc.pid).children():
+        try:
+            if "supervisor.zygote" in " ".join(zygote.cmdline()):
+                pids.update(p.pid for p in zygote.children() if p.name().startswith("python"))
+        except psutil.Error:
+            continue
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def full_path(sup: SupervisorProc, subscribers: int, events: int, procs: int,
+                    tmp: Path) -> tuple[float, float, float]:
+    """Events/s delivered in total, and CPU µs per event of the supervisor and the worker."""
+    assert sup.proc is not None
     key = f"relay-{subscribers}-{time.monotonic_ns()}"
+    before = worker_pids(sup)
     async with Client(sup.url) as client:
         sid = (await client.action("vm", key, "createSession", "local", {}))["sessionId"]
+        (worker,) = worker_pids(sup) - before
         url = f"ws://127.0.0.1:{sup.port}/gateway/vm/connect?rvt-method=getOrCreate&rvt-key={key}"
         # chunks: N emits N agent chunks plus the prompt's own user_message_chunk.
         started = await asyncio.to_thread(start_clients, url, subscribers, events + 1, procs, tmp)
         await asyncio.sleep(0.3)  # let every subscription register
+        cpu0 = cpu_seconds(sup.proc.pid), cpu_seconds(worker)
         t0 = time.time()
         await client.action("vm", key, "sendPrompt", sid, f"chunks: {events}")
         end = await asyncio.to_thread(finish_clients, started)
-    return (events + 1) * subscribers / (end - t0)
+        sup_cpu, worker_cpu = cpu_seconds(sup.proc.pid) - cpu0[0], cpu_seconds(worker) - cpu0[1]
+    return ((events + 1) * subscribers / (end - t0), sup_cpu / (events + 1) * 1e6,
+            worker_cpu / (events + 1) * 1e6)
 
 
 async def capture_frames(sup: SupervisorProc, events: int) -> list[bytes]:
@@ -170,30 +206,154 @@ async def bare_broadcast(frames: list[bytes], subscribers: int, procs: int, tmp:
     return len(frames) * subscribers / (end - t0)
 
 
-async def latency(sup: SupervisorProc, subscribers: int, count: int, rate: float) -> list[float]:
-    key = f"latency-{time.monotonic_ns()}"
+# ---- latency: subscriber, producer and broadcaster processes ---------------------------
+
+def stamped_text(i: int, count: int) -> str:
+    """The local agent's paced chunk text (vmworker/agents/local.py): the emission time last."""
+    return f"chunk {i} of {count} at {time.time():.6f}\n"
+
+
+async def latency_client_main(url: str, conns: int, frames: int, ready_file: str) -> None:
+    """K subscriptions; prints the delay of every stamped chunk received, in ms."""
     delays: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        sockets = []
+        for _ in range(conns):
+            ws = await session.ws_connect(url, protocols=("rivet", "rivet_encoding.cbor"), max_msg_size=0)
+            await ws.receive()  # Init (or the baseline's hello)
+            await ws.send_bytes(SUBSCRIBE)
+            sockets.append(ws)
+        Path(ready_file).write_text("ready")
+
+        async def drain(ws: aiohttp.ClientWebSocketResponse) -> None:
+            got = 0
+            while got < frames:
+                msg = await ws.receive(timeout=60)
+                if msg.type is not aiohttp.WSMsgType.BINARY:
+                    raise RuntimeError(f"unexpected frame {msg.type}")
+                # Plain CBOR, not the validating decoder: the client must not be the bottleneck.
+                update = cbor2.loads(msg.data)["body"]["val"]["args"][0]["event"]["params"]["update"]
+                text = update.get("content", {}).get("text", "")
+                if update["sessionUpdate"] == "agent_message_chunk" and text.startswith("chunk "):
+                    delays.append((time.time() - float(text.rsplit(" at ", 1)[1])) * 1000)
+                    got += 1
+
+        await asyncio.gather(*(drain(ws) for ws in sockets))
+        for ws in sockets:
+            await ws.close()
+    print(json.dumps(delays), flush=True)
+
+
+def start_latency_clients(url: str, subscribers: int, frames: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    ready = tmp / f"ready-latency-{time.monotonic_ns()}"
+    proc = subprocess.Popen([sys.executable, __file__, "--latency-client", url, str(subscribers),
+                             str(frames), str(ready)], stdout=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("latency clients failed to connect")
+        time.sleep(0.01)
+    return proc, ready
+
+
+def finish_latency_clients(proc: subprocess.Popen[bytes]) -> list[float]:
+    out, _ = proc.communicate(timeout=300)
+    return sorted(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+async def latency(sup: SupervisorProc, subscribers: int, count: int, rate: float, tmp: Path) -> list[float]:
+    key = f"latency-{time.monotonic_ns()}"
     async with Client(sup.url) as client:
         sid = (await client.action("vm", key, "createSession", "local", {}))["sessionId"]
-        conns = []
-        for _ in range(subscribers):
-            conn = await client.connect("vm", key, reconnect=False)
-
-            def on_event(payload: dict[str, Any]) -> None:
-                text = payload["event"]["params"]["update"].get("content", {}).get("text", "")
-                if " at " in text and payload["event"]["params"]["update"]["sessionUpdate"] == "agent_message_chunk":
-                    delays.append(time.time() - float(text.rsplit(" at ", 1)[1]))
-
-            conn.on("sessionEvent", on_event)
-            conns.append(conn)
-        await client.action("vm", key, "listSessions")
+        url = f"ws://127.0.0.1:{sup.port}/gateway/vm/connect?rvt-method=getOrCreate&rvt-key={key}"
+        proc, _ = await asyncio.to_thread(start_latency_clients, url, subscribers, count, tmp)
+        await asyncio.sleep(0.3)  # let every subscription register
         await client.action("vm", key, "sendPrompt", sid, f"chunks: {count} at {rate:g}/s")
-        deadline = time.monotonic() + 30
-        while len(delays) < count * subscribers and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in conns:
-            await conn.close()
-    return sorted(delays)
+        return await asyncio.to_thread(finish_latency_clients, proc)
+
+
+async def producer_main(endpoint: str, count: int, rate: float) -> None:
+    """The baseline's worker: the same session-event frames, stamped and paced as the local
+    agent does it, each sent as one ZeroMQ message; no seq assignment, no SQLite."""
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(endpoint)
+    session_id = "0" * 32
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(1, count + 1):
+        delay = start + (i - 1) / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        update = {"sessionUpdate": "agent_message_chunk",
+                  "content": {"type": "text", "text": stamped_text(i, count)}}
+        payload = {"sessionId": session_id, "event": {"jsonrpc": "2.0", "method": "session/update",
+                                                      "params": {"sessionId": session_id, "update": update}},
+                   "seq": i, "epoch": "0" * 16}
+        await sock.send(encode_to_client(Event("sessionEvent", [payload]), Encoding.CBOR))
+    sock.close()
+    ctx.term()
+
+
+async def broadcaster_main(port: int, endpoint: str, subscribers: int) -> None:
+    """The baseline's supervisor: every frame pulled from ZeroMQ is written to every socket."""
+    sockets: list[web.WebSocketResponse] = []
+    all_in = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("rivet",))
+        await ws.prepare(request)
+        await ws.send_bytes(b"hello")
+        await ws.receive()  # the subscription frame
+        sockets.append(ws)
+        if len(sockets) == subscribers:
+            all_in.set()
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(endpoint)
+    print("listening", flush=True)
+    await all_in.wait()
+    try:
+        while True:
+            frame = await sock.recv()
+            for ws in tuple(sockets):
+                await ws.send_bytes(frame)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        await runner.cleanup()
+
+
+async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path) -> list[float]:
+    port = free_port()
+    endpoint = f"ipc://{tmp}/bare-{time.monotonic_ns()}.ipc"
+    broadcaster = subprocess.Popen([sys.executable, __file__, "--broadcaster", str(port), endpoint,
+                                    str(subscribers)], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert broadcaster.stdout is not None
+        if broadcaster.stdout.readline().strip() != b"listening":
+            raise RuntimeError("the baseline broadcaster did not start")
+        proc, _ = await asyncio.to_thread(start_latency_clients, f"ws://127.0.0.1:{port}/ws",
+                                          subscribers, count, tmp)
+        await asyncio.sleep(0.3)
+        producer = await asyncio.create_subprocess_exec(sys.executable, __file__, "--producer", endpoint,
+                                                        str(count), str(rate), cwd=ROOT)
+        delays = await asyncio.to_thread(finish_latency_clients, proc)
+        await producer.wait()
+        return delays
+    finally:
+        broadcaster.terminate()
+        broadcaster.wait(10)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -206,23 +366,28 @@ async def main(args: argparse.Namespace) -> None:
             frames = await capture_frames(sup, args.events)
             rows = []
             for n in subs:
-                ours = await full_path(sup, n, args.events, args.client_procs, tmp)
+                ours, sup_us, worker_us = await full_path(sup, n, args.events, args.client_procs, tmp)
                 bare = await bare_broadcast(frames, n, args.client_procs, tmp)
-                rows.append((n, ours, bare))
-            lat = await latency(sup, args.latency_subscribers, args.latency_events, args.rate)
+                rows.append((n, ours, bare, sup_us, worker_us))
+            lat = await latency(sup, args.latency_subscribers, args.latency_events, args.rate, tmp)
         finally:
             sup.stop()
+        bare_lat = await bare_latency(args.latency_subscribers, args.latency_events, args.rate, tmp)
 
     size = statistics.mean(len(f) for f in frames)
     print(f"Fan-out of {args.events + 1} session events (~{size:.0f} B CBOR frames), "
           f"{args.client_procs} client processes, events/s delivered in total")
-    print(f"{'subscribers':>12}{'actorvisor':>14}{'bare aiohttp':>14}{'ratio':>8}")
-    for n, ours, bare in rows:
-        print(f"{n:>12}{ours:>14,.0f}{bare:>14,.0f}{ours / bare:>8.2f}")
-    print(f"End-to-end latency (worker emit → subscriber), {args.latency_events} events at "
-          f"{args.rate:g}/s to {args.latency_subscribers} subscribers: "
-          f"p50 {lat[len(lat) // 2] * 1000:.2f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms, "
-          f"max {lat[-1] * 1000:.2f} ms ({len(lat)} samples)")
+    print(f"{'subscribers':>12}{'actorvisor':>14}{'bare aiohttp':>14}{'ratio':>8}"
+          f"{'supervisor CPU µs/event':>26}{'worker CPU µs/event':>22}")
+    for n, ours, bare, sup_us, worker_us in rows:
+        print(f"{n:>12}{ours:>14,.0f}{bare:>14,.0f}{ours / bare:>8.2f}{sup_us:>26.1f}{worker_us:>22.1f}")
+    print(f"End-to-end latency (producer emit → subscriber), {args.latency_events} events at "
+          f"{args.rate:g}/s to {args.latency_subscribers} subscribers, ms:")
+    print(f"{'':>36}{'p50':>9}{'p99':>9}{'max':>9}")
+    for label, values in (("actorvisor (worker → supervisor)", lat),
+                          ("bare (producer → ZeroMQ → aiohttp)", bare_lat)):
+        print(f"{label:>36}{pct(values, 0.5):>9.2f}{pct(values, 0.99):>9.2f}{values[-1]:>9.2f}")
+    print(f"p99 ratio actorvisor / bare: {pct(lat, 0.99) / pct(bare_lat, 0.99):.2f}")
 
 
 if __name__ == "__main__":
@@ -230,11 +395,24 @@ if __name__ == "__main__":
         url, conns, frames, ready = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
         asyncio.run(client_main(url, conns, frames, ready))
         sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--latency-client":
+        url, conns, frames, ready = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+        asyncio.run(latency_client_main(url, conns, frames, ready))
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--producer":
+        asyncio.run(producer_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--broadcaster":
+        try:
+            asyncio.run(broadcaster_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+        except KeyboardInterrupt:
+            pass
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--subscribers", default="1,10,100")
     parser.add_argument("--client-procs", type=int, default=2)
-    parser.add_argument("--rate", type=float, default=500)
+    parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--latency-events", type=int, default=2000)
     parser.add_argument("--latency-subscribers", type=int, default=10)
     asyncio.run(main(parser.parse_args()))

@@ -8,13 +8,14 @@ In one run, for each spawner (a supervisor per spawner, same machine, same setti
 Then, with the zygote: how many idle actors the machine holds before connection setup
 (WebSocket upgrade → Init) degrades: Init p50/p99 measured at growing idle-actor counts.
 
-    .venv/bin/python bench/spawn.py [--actors 50] [--levels 0,200,400,800]
+    .venv/bin/python bench/spawn.py [--actors 50] [--levels 0,500,1000,1500]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -91,10 +92,41 @@ async def run_spawner(kind: str, actors: int, tmp: Path) -> dict[str, Any]:
     return {"times": times, "rss": rss, "uss": uss}
 
 
-async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float], float]]:
+def worker_exits(sup: SupervisorProc) -> list[str]:
+    """Every unexpected worker exit the supervisor logged (status and reason), in order."""
+    exits = []
+    for line in sup.logs().splitlines():
+        if "worker_exited" not in line:
+            continue
+        try:
+            entry = json.loads(line)  # the supervisor logs JSON when stderr is not a TTY
+        except ValueError:
+            entry = {}
+        exits.append(f"status {entry.get('status', '?')} ({entry.get('reason', '?')})")
+    return exits
+
+
+def mean_uss(sup: SupervisorProc) -> float:
+    _, uss = worker_memory(sup)
+    return statistics.mean(uss) if uss else 0.0
+
+
+async def start_idle(client: Client, key: str, lost: list[str]) -> None:
+    """Start an actor; an answer that never comes is counted and the action sent again."""
+    for _ in range(3):
+        try:
+            await asyncio.wait_for(client.action("vm", key, "getRuntimeHealth"), 10)
+            return
+        except TimeoutError:
+            lost.append(key)
+    print(f"  {key}: no answer to three getRuntimeHealth in a row; going on", flush=True)
+
+
+async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float], float, float, list[str]]]:
     sup = SupervisorProc(tmp / "capacity", free_port(), ["--log-level", "warning", *UNCAPPED], dict(os.environ))
     sup.start()
     rows = []
+    lost: list[str] = []
     try:
         await cold_starts(sup, 1, "probe")
         await wait_all_booted(sup, 1)
@@ -103,7 +135,7 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
         async with Client(sup.url) as client:
             for level in levels:
                 while running < level:
-                    batch = [client.action("vm", f"idle-{i}", "getRuntimeHealth")
+                    batch = [start_idle(client, f"idle-{i}", lost)
                              for i in range(running, min(level, running + 20))]
                     await asyncio.gather(*batch)
                     running += len(batch)
@@ -111,8 +143,16 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
                 await asyncio.sleep(1.0)
                 lat = await measure(sup.url, ["probe"], 400, 10)
                 avail = psutil.virtual_memory().available / 2**30
-                rows.append((level, lat, avail))
+                rows.append((level, lat, avail, mean_uss(sup), worker_exits(sup)))
+                print(f"  {level} idle actors: Init p99 {pct(lat, .99):.2f} ms, "
+                      f"{len(rows[-1][4])} worker exits, {len(lost)} unanswered actions so far",
+                      flush=True)
     finally:
+        logs = sup.logs()
+        print(f"actions never answered while starting idle actors (sent again): {len(lost)}; "
+              f"supervisor log: {logs.count('worker_message_from_unknown')} "
+              f"worker_message_from_unknown, worker exits {', '.join(worker_exits(sup)) or 'none'}",
+              flush=True)
         sup.stop()
     return rows
 
@@ -133,15 +173,25 @@ async def main(args: argparse.Namespace) -> None:
     print(f"zygote vs subprocess: start p50 {pct(p['times'], .5) / pct(z['times'], .5):.1f}x faster, "
           f"USS {statistics.mean(p['uss']) / statistics.mean(z['uss']):.1f}x smaller")
     print("Connection setup (upgrade → Init) with N idle actors, zygote spawner (ms)")
-    print(f"{'idle actors':>12}{'p50':>9}{'p99':>9}{'mem avail GiB':>15}")
+    print(f"{'idle actors':>12}{'p50':>9}{'p99':>9}{'p99/empty':>11}{'worker USS MiB':>16}"
+          f"{'mem avail GiB':>15}{'worker exits':>14}")
     base = pct(rows[0][1], .99)
-    for level, lat, avail in rows:
-        flag = "  <- p99 over 2x baseline" if pct(lat, .99) > 2 * base else ""
-        print(f"{level:>12}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}{avail:>15.1f}{flag}")
+    for level, lat, avail, uss, exits in rows:
+        flag = "  <- p99 over 2x the empty case" if pct(lat, .99) > 2 * base else ""
+        print(f"{level:>12}{pct(lat, .5):>9.2f}{pct(lat, .99):>9.2f}{pct(lat, .99) / base:>11.2f}"
+              f"{uss:>16.1f}{avail:>15.1f}{len(exits):>14}{flag}")
+    exits = rows[-1][4]
+    if exits:
+        print(f"worker exits (spurious: every actor was idle): {', '.join(sorted(set(exits)))}")
+    level, _, avail, uss, _ = rows[-1]
+    if uss:
+        print(f"memory: each idle worker adds ~{uss:.1f} MiB of its own (USS); {avail:.1f} GiB still "
+              f"available at {level} idle actors, so memory would run out near "
+              f"{level + avail * 1024 / uss:,.0f} idle actors")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", type=int, default=50)
-    parser.add_argument("--levels", default="0,200,400,800")
+    parser.add_argument("--levels", default="0,500,1000,1500")
     asyncio.run(main(parser.parse_args()))

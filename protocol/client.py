@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -483,6 +484,92 @@ def encode_to_client(msg: ToClient, encoding: Encoding) -> bytes | str:
         case Event():
             tag, val = "Event", {"name": msg.name, "args": _out(msg.args, encoding, "event args")}
     return _finish({"body": {"tag": tag, "val": val}}, encoding)
+
+
+# Bytes that may start a CBOR item `compat.escape(form=CBOR)` would change, or that
+# cbor2 never writes for a service value: an 8-byte integer head (beyond 2**32, written
+# as a float for cbor-x), any tag (bignums), a float (NaN and infinities are refused).
+# Found inside a string, such a byte only costs the slow path.
+_SUSPECT_BYTES: Final = bytes([0x1B, 0x3B, *range(0xC0, 0xDC), 0xF9, 0xFA, 0xFB])
+# A two-item array whose first item is a string starting with `$` (escaped by doubling it).
+_DOLLAR_PAIR: Final = re.compile(rb"\x82(?:[\x61-\x77]|\x78.|\x79..|\x7a.{4}|\x7b.{8})\$", re.DOTALL)
+
+
+def _may_need_escape(cbor: bytes) -> bool:
+    # translate() and `in` run in C over the bytes; the regex only when a `$` is there.
+    if len(cbor.translate(None, _SUSPECT_BYTES)) != len(cbor):
+        return True
+    return b"$" in cbor and _DOLLAR_PAIR.search(cbor) is not None
+
+
+def _cbor_head(major: int, value: int) -> bytes:
+    if value < 24:
+        return bytes([major << 5 | value])
+    for ai, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([major << 5 | ai]) + value.to_bytes(size, "big")
+    raise ValueError(f"CBOR length {value} out of range")
+
+
+def _cbor_map_length(blob: bytes) -> tuple[int, int] | None:
+    """(entries, head size) of the definite-length CBOR map `blob` starts with."""
+    if not blob or blob[0] >> 5 != 5:
+        return None
+    ai = blob[0] & 0x1F
+    if ai < 24:
+        return ai, 1
+    size = {24: 1, 25: 2, 26: 4, 27: 8}.get(ai)
+    if size is None or len(blob) < 1 + size:
+        return None
+    return int.from_bytes(blob[1:1 + size], "big"), 1 + size
+
+
+def event_frame_from_cbor(name: str, payload: bytes, epoch: str, encoding: Encoding,
+                          seq: int | None = None) -> bytes | None:
+    """`encode_to_client(Event(name, [{**loads(payload), "epoch": epoch}]), encoding)`,
+    built around the payload's committed CBOR bytes without decoding or escaping it.
+
+    The relay's hot path: a worker's event arrives as the CBOR map it committed, which ends
+    with `"seq": seq, "epoch": epoch` (`eventlog.stored_payload`; older rows lack `epoch`,
+    and get it added), and for cbor and bare clients a service value's CBOR is already its
+    wire form unless it holds something `compat.escape` rewrites. Returns None when the
+    bytes might (see `_may_need_escape`), for json, or when `payload` is not a
+    definite-length map: the caller then encodes the decoded value the long way. Byte for
+    byte the same frame. Given `seq`, the service-written tail is not scanned: the seq
+    integer's bytes alone would send one event in eight the long way.
+    """
+    if encoding is Encoding.JSON:
+        return None
+    epoch_bytes = epoch.encode("utf-8")
+    epoch_entry = b"\x65epoch" + _cbor_head(3, len(epoch_bytes)) + epoch_bytes
+    has_epoch = False
+    scanned = payload
+    if seq is not None and 0 <= seq < 1 << 32:
+        tail = b"\x63seq" + _cbor_head(0, seq)
+        if payload.endswith(tail + epoch_entry):
+            has_epoch, scanned = True, payload[:-len(tail + epoch_entry)]
+        elif payload.endswith(tail):
+            scanned = payload[:-len(tail)]
+    if _may_need_escape(scanned) or _may_need_escape(epoch_bytes) or b"\x65epoch" in scanned:
+        return None  # (a payload that may hold another `epoch`: the long way decides)
+    head = _cbor_map_length(payload)
+    if head is None:
+        return None
+    entries, head_size = head
+    if has_epoch:
+        args = b"".join((b"\x81", payload))
+    else:
+        args = b"".join((b"\x81", _cbor_head(5, entries + 1), payload[head_size:], epoch_entry))
+    if encoding is Encoding.BARE:
+        writer = _bare_writer()
+        writer.u8(3)
+        writer.string(name)
+        writer.data(args)
+        return writer.getvalue()
+    name_bytes = name.encode("utf-8")
+    # {"body": {"tag": "Event", "val": {"name": name, "args": [payload]}}}
+    return b"".join((b"\xa1\x64body\xa2\x63tag\x65Event\x63val\xa2\x64name",
+                     _cbor_head(3, len(name_bytes)), name_bytes, b"\x64args", args))
 
 
 def _actor_tree(actor: ActorSpecifier) -> dict[str, Any]:

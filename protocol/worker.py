@@ -72,7 +72,11 @@ class WorkerEvent:
     seq: int
     epoch: str
     name: str
-    payload: dict[str, Any]
+    # None when the receiver left it undecoded (`expand(..., decode=False)`): see `raw`.
+    payload: dict[str, Any] | None
+    # The payload's CBOR as committed, when it came in an `events` batch: the relay splices
+    # it into client frames instead of decoding, escaping and encoding it again. Not sent.
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,15 +222,24 @@ def _events(body: dict[str, Any]) -> WorkerEvents:
     return WorkerEvents(first, _field(body, "epoch", str), names, payloads)
 
 
-def expand(msg: WorkerToSupervisor) -> list[WorkerToSupervisor]:
+def expand(msg: WorkerToSupervisor, *, decode: bool = True) -> list[WorkerToSupervisor]:
     """A batch as the single messages it stands for; any other message as itself.
 
     Raises `ProtocolError` if a payload is not a CBOR map (nothing of the batch is then
-    returned, so a receiver never relays half of a malformed batch).
+    returned, so a receiver never relays half of a malformed batch). With `decode=False`
+    (the supervisor's hub) payloads stay bytes (`WorkerEvent.raw`, `payload` None) and
+    only their head is checked to be a definite-length map's: decoding every event, and
+    keeping the decoded trees in the relay's ring, cost the hub more than anything else.
     """
     if not isinstance(msg, WorkerEvents):
         return [msg]
     events: list[WorkerToSupervisor] = []
+    if not decode:
+        for i, (name, blob) in enumerate(zip(msg.names, msg.payloads, strict=True)):
+            if not _is_map_head(blob):
+                raise ProtocolError(f"worker message 'events': payload {i} is not a CBOR map")
+            events.append(WorkerEvent(msg.first + i, msg.epoch, name, None, blob))
+        return events
     for i, (name, blob) in enumerate(zip(msg.names, msg.payloads, strict=True)):
         try:
             payload = cbor2.loads(blob)
@@ -234,8 +247,16 @@ def expand(msg: WorkerToSupervisor) -> list[WorkerToSupervisor]:
             raise ProtocolError(f"worker message 'events': payload {i} is not valid CBOR: {exc}") from None
         if not isinstance(payload, dict):
             raise ProtocolError(f"worker message 'events': payload {i} is not a CBOR map")
-        events.append(WorkerEvent(msg.first + i, msg.epoch, name, payload))
+        events.append(WorkerEvent(msg.first + i, msg.epoch, name, payload, blob))
     return events
+
+
+def _is_map_head(blob: bytes) -> bool:
+    """`blob` starts with a definite-length CBOR map head and is long enough for it."""
+    if not blob or blob[0] >> 5 != 5:
+        return False
+    extra = {24: 1, 25: 2, 26: 4, 27: 8}.get(blob[0] & 0x1F, 0 if blob[0] & 0x1F < 24 else -1)
+    return extra >= 0 and len(blob) > extra
 
 
 def decode_all(data: bytes) -> list[WorkerToSupervisor]:

@@ -493,7 +493,7 @@ class ActorManager:
                 if msg.phase == WorkerPhase.READY and actor.state is ActorState.BOOTING:
                     actor.transition(ActorState.READY, **msg.detail)
             case wire.WorkerEvent():
-                actor.relay.publish(msg.seq, msg.epoch, msg.name, msg.payload)
+                actor.relay.publish(msg.seq, msg.epoch, msg.name, msg.payload, msg.raw)
             case wire.Reply():
                 fut = actor.inflight.pop(msg.id, None)
                 if fut is None or fut.done():

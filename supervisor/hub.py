@@ -125,7 +125,7 @@ class WorkerHub:
                 if isinstance(msg, (wire.Action, wire.Sleep, wire.Shutdown)):
                     log.warning("worker_message_unexpected", actor=actor_id, type=type(msg).__name__)
                     continue
-                messages = wire.expand(msg)
+                messages = wire.expand(msg, decode=False)
             except (UnicodeDecodeError, ProtocolError) as exc:
                 log.warning("worker_message_invalid", error=str(exc))
                 continue

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import cbor2
 import structlog
 
-from protocol.client import Encoding, Event, encode_to_client
+from protocol.client import Encoding, Event, encode_to_client, event_frame_from_cbor
 from vmworker.eventlog import read_events
 
 from . import metrics
@@ -42,14 +43,32 @@ log = structlog.get_logger("supervisor.relay")
 class LoggedEvent:
     seq: int
     name: str
-    payload: dict[str, Any]
+    # The payload with `epoch`; None until needed when the worker's `raw` bytes came alone.
+    _payload: dict[str, Any] | None
+    # The payload's CBOR as the worker committed it (with `epoch`, but for rows older than
+    # that), and the epoch it goes with.
+    raw: bytes | None = None
+    epoch: str = ""
     _frames: dict[Encoding, bytes | str] = field(default_factory=dict)
 
+    @property
+    def payload(self) -> dict[str, Any]:
+        if self._payload is None:
+            assert self.raw is not None
+            payload = cbor2.loads(self.raw)
+            payload.setdefault("epoch", self.epoch)
+            self._payload = payload
+        return self._payload
+
     def frame(self, encoding: Encoding) -> bytes | str:
-        """The client frame for this event, encoded once per encoding however many listen."""
+        """The client frame for this event, encoded once per encoding however many listen:
+        spliced around the worker's bytes when they need no escaping (cbor, bare)."""
         cached = self._frames.get(encoding)
         if cached is None:
-            cached = encode_to_client(Event(self.name, [self.payload]), encoding)
+            if self.raw is not None:
+                cached = event_frame_from_cbor(self.name, self.raw, self.epoch, encoding, self.seq)
+            if cached is None:
+                cached = encode_to_client(Event(self.name, [self.payload]), encoding)
             self._frames[encoding] = cached
         return cached
 
@@ -176,18 +195,20 @@ class ActorRelay:
         # No mark that early: the worker said hello after `when`, so all it emitted is newer.
         return self._mark_seqs[max(i, 0)]
 
-    def publish(self, seq: int, epoch: str, name: str, payload: dict[str, Any]) -> None:
+    def publish(self, seq: int, epoch: str, name: str, payload: dict[str, Any] | None,
+                raw: bytes | None = None) -> None:
+        """Relay one committed event: its decoded `payload`, its CBOR bytes `raw`, or both."""
         if self._held is not None:
-            self._held.append(lambda: self.publish(seq, epoch, name, payload))
+            self._held.append(lambda: self.publish(seq, epoch, name, payload, raw))
             return
         if self.last_seq is not None and seq <= self.last_seq:
             # A frame of a worker that was overtaken by a fill from the log: already relayed.
             log.debug("event_seq_already_relayed", actor=self.actor_id, seq=seq, last=self.last_seq)
             return
         if self.last_seq is not None and seq != self.last_seq + 1 and epoch == self.epoch:
-            self._fill(seq - 1, lambda: self.publish(seq, epoch, name, payload))
+            self._fill(seq - 1, lambda: self.publish(seq, epoch, name, payload, raw))
             return
-        self._relay(seq, epoch, name, payload)
+        self._relay(seq, epoch, name, payload, raw)
 
     def _fill(self, upto: int, then: Callable[[], None]) -> None:
         """Relay the log's events after `last_seq` up to `upto`, then `then()` and whatever
@@ -224,12 +245,14 @@ class ActorRelay:
                     self._held.extend(held[i + 1:])
                     break
 
-    def _relay(self, seq: int, epoch: str, name: str, payload: dict[str, Any]) -> None:
+    def _relay(self, seq: int, epoch: str, name: str, payload: dict[str, Any] | None,
+               raw: bytes | None = None) -> None:
         # The mark is taken before this event counts, so it never claims an event too early.
         self._mark(time.monotonic(), self.last_seq if self.last_seq is not None else seq - 1)
         self.epoch = epoch
         self.last_seq = seq
-        event = LoggedEvent(seq, name, payload)
+        # Payloads carry their epoch as appended (eventlog.stored_payload): nothing to patch.
+        event = LoggedEvent(seq, name, payload, raw, epoch)
         self.ring.append(event)
         self.events_relayed += 1
         metrics.EVENTS_RELAYED.inc()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ from .vmfs import normalize
 MAX_PROMPT_CHARS: Final = 1024 * 1024
 MAX_TOKENS_LIMIT: Final = 1_000_000
 HISTORY_PAGE: Final = 10_000
+EMIT_YIELD_S: Final = 0.001
 _OPTION_KEYS: Final = ("cwd", "env", "model", "systemPrompt", "permissionPolicy", "maxTokens",
                        "thinking", "thinkingBudget", "mcpServers", "additionalInstructions",
                        "skipOsInstructions", "mode", "thoughtLevel")
@@ -213,6 +215,7 @@ class SessionTurn:
         self.text_parts: list[str] = []
         self.task: asyncio.Task[StopReason] | None = None
         self.cancel_requested = False
+        self._last_yield = 0.0
 
     @property
     def session_id(self) -> str:
@@ -237,9 +240,13 @@ class SessionTurn:
                                         session_id=self.session_id)
         if self.first_seq is None:
             self.first_seq = seq
-        # A scheduling point per update: the outbox streams while the agent produces, and
-        # an agent that never awaits anything else cannot starve other actions.
-        await asyncio.sleep(0)
+        # A scheduling point at least every EMIT_YIELD_S: the outbox streams while the agent
+        # produces, and an agent that never awaits anything else cannot starve other
+        # actions. (One per update cost a loop iteration and an epoll call per event.)
+        now = time.monotonic()
+        if now - self._last_yield >= EMIT_YIELD_S:
+            self._last_yield = now
+            await asyncio.sleep(0)
 
     async def exec(self, command: str, *, timeout_s: float = 60.0) -> ExecResult:
         cwd = normalize(self.options.cwd) if self.options.cwd is not None else None

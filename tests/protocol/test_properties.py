@@ -31,10 +31,12 @@ from protocol.client import (
     encode_http_action_response,
     encode_to_client,
     encode_to_server,
+    event_frame_from_cbor,
     parse_encoding,
     parse_ws_subprotocols,
 )
 from protocol.errors import ProtocolError
+from vmworker.eventlog import stored_payload
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND_TRIP = settings(max_examples=150, deadline=None,
@@ -204,3 +206,49 @@ def test_damaged_frames(data: st.DataObject, message: Any, encoding: Encoding) -
         frame = encode_to_client(message, encoding)
     raw = frame.encode() if isinstance(frame, str) else frame
     every_decoder(data.draw(damaged(raw)), encoding)
+
+
+# The relay's hot path: a worker's committed payload bytes spliced into a client frame.
+spliced_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**33), max_value=2**33) | text
+    | st.binary(max_size=12),
+    lambda inner: (st.lists(inner, max_size=4) | st.tuples(dollar_text, inner).map(list)
+                   | st.dictionaries(text, inner, max_size=4)),
+    max_leaves=20,
+)
+
+
+@ROUND_TRIP
+@given(names, st.dictionaries(text.filter(lambda k: k not in ("epoch", "seq")), spliced_values,
+                              max_size=30),
+       st.integers(min_value=0, max_value=2**40), st.text(min_size=1, max_size=20),
+       st.sampled_from([Encoding.CBOR, Encoding.BARE, Encoding.JSON]), st.booleans())
+def test_spliced_event_frame_is_the_encoded_one_or_none(name: str, payload: dict[str, Any], seq: int,
+                                                         epoch: str, encoding: Encoding,
+                                                         stored_epoch: bool) -> None:
+    # As stored (`eventlog.stored_payload`: seq, then epoch, last), or as older rows were.
+    blob = cbor2.dumps({**payload, "seq": seq, "epoch": epoch} if stored_epoch else {**payload, "seq": seq})
+    frame = event_frame_from_cbor(name, blob, epoch, encoding, seq)
+    if frame is not None:
+        assert frame == encode_to_client(Event(name, [{**payload, "seq": seq, "epoch": epoch}]),
+                                         encoding)
+    else:
+        # Only what may need escaping (or json) takes the long way.
+        scanned = blob + epoch.encode()
+        assert encoding is Encoding.JSON or any(b in scanned for b in b"\x1b\x3b$\xf9\xfa\xfb") or any(
+            0xc0 <= b <= 0xdb for b in scanned)
+
+
+def test_plain_payloads_are_spliced() -> None:
+    payload = {"sessionId": "s1", "event": {"text": "chunk 7 of 9\n", "n": [1, -2, None, True]}}
+    for seq in (1, 255, 256, 0xDB, 0x1B3B, 2**31):
+        blob = cbor2.dumps({**payload, "seq": seq})
+        for encoding in (Encoding.CBOR, Encoding.BARE):
+            assert event_frame_from_cbor("sessionEvent", blob, "e", encoding, seq) == encode_to_client(
+                Event("sessionEvent", [{**payload, "seq": seq, "epoch": "e"}]), encoding)
+        stored = cbor2.dumps(stored_payload(payload, seq, "e"))
+        for encoding in (Encoding.CBOR, Encoding.BARE):
+            assert event_frame_from_cbor("sessionEvent", stored, "e", encoding, seq) == encode_to_client(
+                Event("sessionEvent", [stored_payload(payload, seq, "e")]), encoding)
+    blob = cbor2.dumps({**payload, "epoch": "old", "seq": 1})
+    assert event_frame_from_cbor("sessionEvent", blob, "e", Encoding.CBOR, 1) is None

@@ -168,3 +168,18 @@ def test_the_supervisor_reads_and_appends_through_the_same_contract(tmp_path: Pa
     assert [e.payload for e in read_events(path, 1, 10, ["vmShutdown"]).events] == [record.payload]
     assert read_events(path, 0, 10, upto=1).events[-1].seq == 1
     assert session_counts(path) == (1, 1)
+
+
+@pytest.mark.parametrize("count", [1, 511, 512, 1537])
+def test_a_batch_of_any_size_is_inserted_whole_in_order(tmp_path: Path, count: int) -> None:
+    # A batch goes in as a few multi-row INSERTs (full chunks, then power-of-two ones).
+    log = EventLog.open(tmp_path / "events.db")
+    log.write_batch([record(seq, session="s" if seq % 2 else None) for seq in range(1, count + 1)], [])
+    assert log.last_seq == count
+    reader = EventReader(tmp_path / "events.db")
+    events = reader.read(0, count + 10).events
+    reader.close()
+    assert [(e.seq, e.session_id, e.payload, e.created_at) for e in events] == [
+        (seq, "s" if seq % 2 else None, {"n": seq, "seq": seq, "epoch": log.epoch}, 1000 + seq)
+        for seq in range(1, count + 1)]
+    log.close()
