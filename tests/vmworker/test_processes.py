@@ -11,7 +11,7 @@ import pytest
 
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.worker import WorkerEvent
-from tests.support import LONG_SLEEP, leftover_sleeps
+from tests.support import LONG_SLEEP, eventually, leftover_sleeps
 
 from .conftest import InProcessActor
 
@@ -74,7 +74,8 @@ async def test_stdin_and_signals(actor: InProcessActor) -> None:
     event = await exited(actor, "processExit", pid=sleeper)
     assert event["signal"] == "SIGINT"
 
-    stubborn = (await actor.call("spawn", "sh", ["-c", f"trap '' TERM; sleep {LONG_SLEEP}"]))["pid"]
+    stubborn = (await actor.call("spawn", "sh", ["-c", f"trap '' TERM; echo deaf; sleep {LONG_SLEEP}"]))["pid"]
+    await eventually(lambda: output(actor, stubborn) == b"deaf\n")  # its trap is set
     started = time.monotonic()
     task = asyncio.create_task(actor.call("stopProcess", stubborn))
     result = await task
