@@ -185,6 +185,8 @@ class ProcessTable:
         self._machine: Machine | None = None
         self._watchers: set[asyncio.Task[None]] = set()
         self._closing = False
+        # One save at a time: two threads renaming the same partial file race.
+        self._saving = asyncio.Lock()
 
     def attach(self, machine: Machine) -> None:
         self._machine = machine
@@ -209,7 +211,8 @@ class ProcessTable:
             else:
                 await self._outbox.append(EventName.PROCESS_EXIT.value, {
                     "pid": entry.get("id"), "exitCode": None, "signal": "SIGKILL", "reason": "vmLost"})
-        await asyncio.to_thread(self._save, [])
+        async with self._saving:
+            await asyncio.to_thread(self._save, [])
 
     def _save(self, entries: list[dict[str, Any]]) -> None:
         partial = self._registry.with_suffix(".partial")
@@ -217,9 +220,10 @@ class ProcessTable:
         os.replace(partial, self._registry)
 
     async def _save_running(self) -> None:
-        entries = [{"kind": r.kind, "id": r.id} for r in (*self._processes.values(), *self._shells.values())
-                   if not r.ended.is_set()]
-        await asyncio.to_thread(self._save, entries)
+        async with self._saving:  # the table as it is when this save's turn comes
+            entries = [{"kind": r.kind, "id": r.id} for r in (*self._processes.values(), *self._shells.values())
+                       if not r.ended.is_set()]
+            await asyncio.to_thread(self._save, entries)
 
     # -- processes ---------------------------------------------------------------------
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from protocol.errors import ActorvisorError, ErrorCode
 from protocol.worker import WorkerEvent
 from tests.support import LONG_SLEEP, eventually, leftover_sleeps
+from vmworker.outbox import Outbox
+from vmworker.processes import ProcessLimits, ProcessTable
 
 from .conftest import InProcessActor
 
@@ -179,3 +183,12 @@ async def _error(call: Any) -> ActorvisorError:
     with pytest.raises(ActorvisorError) as info:
         await call
     return info.value
+
+
+
+async def test_concurrent_saves_of_the_registry_do_not_race(tmp_path: Path) -> None:
+    # Each spawn and exit saves running.json from a thread; saved at once, they raced on
+    # one partial file (FileNotFoundError on the rename, a failed spawn).
+    table = ProcessTable(cast(Outbox, None), tmp_path, ProcessLimits())
+    await asyncio.gather(*(table._save_running() for _ in range(200)))
+    assert json.loads((tmp_path / "running.json").read_text()) == []
