@@ -374,7 +374,10 @@ class ActorManager:
             if actor.state is ActorState.SPAWNING:
                 actor.transition(ActorState.CRASHED, error=str(exc))
             return
-        if actor.state is not ActorState.SPAWNING or actor.proc is not None:
+        # Its hello may have come first (the zygote's answer and the worker's hello race):
+        # then the actor is booting or further on, and this process is that worker.
+        adoptable = (ActorState.SPAWNING, ActorState.BOOTING, ActorState.READY, ActorState.BOOT_FAILED)
+        if actor.state not in adoptable or actor.proc is not None:
             # Stopped while its process was being started: that process is no one's
             # worker. It drains as if told to sleep (it may have opened the log), and
             # is reaped here.

@@ -242,6 +242,23 @@ async def test_stopped_while_its_worker_was_being_started(harness: Harness) -> N
     assert actor.state is ActorState.STOPPED and actor.proc is None
 
 
+
+async def test_a_worker_whose_hello_beats_its_spawner_is_adopted(harness: Harness) -> None:
+    # Under load the worker's hello (and its ready) can arrive before the zygote reports
+    # its pid: it is the actor's worker all the same, never told to stop.
+    harness.spawner.gate = asyncio.Event()
+    actor = harness.manager.get_or_create("vm", "early")
+    harness.manager.ensure_running(actor)
+    await asyncio.sleep(0)
+    harness.manager.on_worker_message(actor.id, wire.Hello(actor.id, 1000, "epoch-1", 0))
+    harness.phase(actor, WorkerPhase.READY, bootMs=1)
+    assert actor.state is ActorState.READY
+    harness.spawner.gate.set()
+    worker = await harness.spawned(1)
+    await eventually(lambda: actor.proc is worker, timeout=5)
+    assert worker.signals == [] and actor.state is ActorState.READY
+
+
 class FakeSocket:
     """The part of aiohttp's WebSocketResponse a connection writes to."""
 
