@@ -99,7 +99,9 @@ class WorkerHarness:
             )
         self.received.clear()
         self._pump = asyncio.create_task(self._pump_frames())
-        await self.wait_for(lambda m: isinstance(m, Hello))
+        # Its hello follows the lock (a killed predecessor's VM may still be going) and
+        # Python's start-up: seconds on a loaded machine.
+        await self.wait_for(lambda m: isinstance(m, Hello), timeout=30.0)
 
     async def _pump_frames(self) -> None:
         while True:
