@@ -154,11 +154,21 @@ class SupervisorProc:
                 raise RuntimeError(f"supervisor exited early:\n{self.logs()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=0.5) as resp:
-                    if resp.status == 200:
+                    # Ours, not another test's supervisor that took the same free port.
+                    if resp.status == 200 and self._listening():
                         return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise RuntimeError(f"supervisor did not serve within {timeout}s:\n{self.logs()}")
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        try:
+            return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                       for c in psutil.Process(self.proc.pid).net_connections(kind="tcp"))
+        except psutil.Error:
+            return False
 
     def hold_socket(self) -> None:
         """Listen on our port ourselves and hand the socket to every supervisor we start."""
