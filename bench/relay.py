@@ -170,7 +170,10 @@ async def capture_frames(sup: SupervisorProc, events: int) -> list[bytes]:
     return frames
 
 
-async def bare_broadcast(frames: list[bytes], subscribers: int, procs: int, tmp: Path) -> float:
+async def bare_server(port: int, subscribers: int
+                      ) -> tuple[web.AppRunner, list[web.WebSocketResponse], asyncio.Event]:
+    """The baselines' broadcaster: a bare aiohttp WebSocket server on `port` that greets,
+    takes one subscription frame per socket, and sets the event once all are in."""
     sockets: list[web.WebSocketResponse] = []
     all_in = asyncio.Event()
 
@@ -190,8 +193,13 @@ async def bare_broadcast(frames: list[bytes], subscribers: int, procs: int, tmp:
     app.router.add_get("/ws", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, sockets, all_in
+
+
+async def bare_broadcast(frames: list[bytes], subscribers: int, procs: int, tmp: Path) -> float:
+    port = free_port()
+    runner, sockets, all_in = await bare_server(port, subscribers)
     try:
         started = await asyncio.to_thread(start_clients, f"ws://127.0.0.1:{port}/ws", subscribers,
                                           len(frames), procs, tmp)
@@ -298,26 +306,7 @@ async def producer_main(endpoint: str, count: int, rate: float) -> None:
 
 async def broadcaster_main(port: int, endpoint: str, subscribers: int) -> None:
     """The baseline's supervisor: every frame pulled from ZeroMQ is written to every socket."""
-    sockets: list[web.WebSocketResponse] = []
-    all_in = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("rivet",))
-        await ws.prepare(request)
-        await ws.send_bytes(b"hello")
-        await ws.receive()  # the subscription frame
-        sockets.append(ws)
-        if len(sockets) == subscribers:
-            all_in.set()
-        async for _ in ws:
-            pass
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, sockets, all_in = await bare_server(port, subscribers)
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.PULL)
     sock.bind(endpoint)
