@@ -205,6 +205,7 @@ class Actions:
         checked = Args(name, args, spec.params)
         if spec.needs_vm:
             await self._vm.wait_ready()
+            self._vm.note_activity()
         return await spec.handler(checked)
 
     async def _run_cron_job(self, a: Args) -> Any:

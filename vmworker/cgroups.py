@@ -205,20 +205,22 @@ class VmCgroup:
             return []
         return [int(p) for p in text.split()]
 
-    def counters(self) -> dict[str, int]:
-        """How often each limit was hit so far: memory (OOM kills), pids (forks refused),
-        cpu (periods throttled)."""
+    def counters(self) -> tuple[dict[str, int], int]:
+        """How often each limit was hit so far — memory (OOM kills), pids (forks refused),
+        cpu (periods throttled) — and the count of CPU-quota periods in which anything in
+        the VM ran (`nr_periods`: it stands still while the VM is idle)."""
         if self.root.version == 2:
             d = self.dirs["unified"]
             memory = _read_keyed(d / "memory.events").get("oom_kill", 0)
             pids = _read_keyed(d / "pids.events").get("max", 0)
-            cpu = _read_keyed(d / "cpu.stat").get("nr_throttled", 0)
+            cpu = _read_keyed(d / "cpu.stat")
         else:
             oom = _read_keyed(self.dirs["memory"] / "memory.oom_control")
             memory = oom.get("oom_kill", 0)
             pids = _read_keyed(self.dirs["pids"] / "pids.events").get("max", 0)
-            cpu = _read_keyed(self.dirs["cpu"] / "cpu.stat").get("nr_throttled", 0)
-        return {"memory": memory, "pids": pids, "cpu": cpu}
+            cpu = _read_keyed(self.dirs["cpu"] / "cpu.stat")
+        hits = {"memory": memory, "pids": pids, "cpu": cpu.get("nr_throttled", 0)}
+        return hits, cpu.get("nr_periods", 0)
 
     def memory_bytes(self) -> int:
         name = "memory.current" if self.root.version == 2 else "memory.usage_in_bytes"

@@ -312,6 +312,33 @@ async def test_cpu_is_held_to_the_quota(box: BootedVm) -> None:
     await _wait_limit(box, "cpu", timeout=5.0)
 
 
+async def test_an_idle_vm_s_limits_are_read_ever_less_often_until_work_comes(box: BootedVm) -> None:
+    """An idle VM cannot hit a limit, so its counters are not read every second (a
+    thousand idle workers would spend most of a core on it): the wait doubles while
+    nothing in it runs, and an action brings the next read back within a second."""
+    cgroup = box.vm.cgroup
+    assert cgroup is not None
+    reads: list[float] = []
+    real = cgroup.counters
+
+    def counting() -> tuple[dict[str, int], int]:
+        reads.append(time.monotonic())
+        return real()
+
+    cgroup.counters = counting  # type: ignore[method-assign]
+    started = time.monotonic()
+    await asyncio.sleep(7.5)
+    assert 1 <= len(reads) <= 4, [round(t - started, 1) for t in reads]  # every second: 7
+    reads.clear()
+    box.vm.note_activity()  # what every VM action does
+    noted = time.monotonic()
+    while not reads and time.monotonic() - noted < 30:
+        await asyncio.sleep(0.1)
+    assert reads, "no read after an action"
+    # Backed off, the next read would come 8 s or more after the last one.
+    assert reads[0] - noted < 5, reads[0] - noted
+
+
 def _kill(procs: list[psutil.Process]) -> None:
     for proc in procs:
         try:
