@@ -56,5 +56,5 @@ def make_supervisor(tmp_state: Path) -> Iterator[Callable[..., SupervisorProc]]:
 
 
 @pytest.fixture
-def supervisor(make_supervisor) -> SupervisorProc:
+def supervisor(make_supervisor: Callable[..., SupervisorProc]) -> SupervisorProc:
     return make_supervisor()

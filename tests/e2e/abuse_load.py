@@ -39,13 +39,13 @@ def main() -> None:
         for key, _ in sel.select(timeout=0.2):
             s = key.fileobj  # type: ignore[assignment]
             try:
-                data = s.recv(4096)  # type: ignore[union-attr]
+                data = s.recv(4096)
             except OSError:
                 data = b""
             if data.startswith(b"HTTP/1.1 503"):
                 refused += 1
             sel.unregister(s)
-            s.close()  # type: ignore[union-attr]
+            s.close()
             closed += 1
             closed_at.append(time.monotonic() - started)
     print(json.dumps({"refused": refused, "closed": closed, "still_open": count - closed,

@@ -12,15 +12,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
-from tests.support import ROOT
+from tests.support import ROOT, SupervisorProc
 
 LOAD = ROOT / "tests" / "e2e" / "abuse_load.py"
 
 
-def log_events(sup) -> collections.Counter[str]:
+def log_events(sup: SupervisorProc) -> collections.Counter[str]:
     events: collections.Counter[str] = collections.Counter()
     for line in sup.logs().splitlines():
         try:
@@ -35,7 +37,7 @@ def load(port: int, count: int, mode: str, hold: float) -> subprocess.Popen[str]
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
 
 
-async def _flood(sup) -> tuple[list[float], dict[str, int], dict[str, int], int]:
+async def _flood(sup: SupervisorProc) -> tuple[list[float], dict[str, int], dict[str, int], int]:
     latencies: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s, \
             aiohttp.ClientSession() as wss:
@@ -65,7 +67,7 @@ async def _flood(sup) -> tuple[list[float], dict[str, int], dict[str, int], int]
     return latencies, json.loads(out[0]), json.loads(out[1]), refused
 
 
-def test_connection_flood_over_the_cap(make_supervisor) -> None:
+def test_connection_flood_over_the_cap(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--max-connections", "5000", "--max-connections-per-address", "10000",
                           "--header-timeout", "120", "--idle-timeout", "120")
     latencies, opened, result, refused = asyncio.run(_flood(sup))
@@ -77,11 +79,12 @@ def test_connection_flood_over_the_cap(make_supervisor) -> None:
     # 5000 admitted minus our two; the rest answered 503 and closed, none hung or reset.
     assert result["refused"] >= 990 and result["refused"] == refused
     assert result["still_open"] >= 4990
+    assert sup.proc is not None
     assert sup.proc.poll() is None
     assert sum(log_events(sup).values()) < 50, log_events(sup).most_common(5)
 
 
-def test_slowloris_closed_within_header_timeout(make_supervisor) -> None:
+def test_slowloris_closed_within_header_timeout(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--header-timeout", "2", "--max-connections-per-address", "5000")
     proc = load(sup.port, 1000, "partial", 20.0)
     try:
@@ -105,7 +108,7 @@ async def _creations(url: str, count: int) -> list[tuple[int, dict[str, str]]]:
         return [await one(i) for i in range(count)]
 
 
-def test_actor_creations_past_the_cap_are_overloaded(make_supervisor) -> None:
+def test_actor_creations_past_the_cap_are_overloaded(make_supervisor: Callable[..., SupervisorProc]) -> None:
     # Scaled down from 400-vs-300 (each worker is a VM; the test machine is shared).
     sup = make_supervisor("--max-running-actors", "4")
     results = asyncio.run(_creations(sup.url, 7))
@@ -115,16 +118,16 @@ def test_actor_creations_past_the_cap_are_overloaded(make_supervisor) -> None:
     assert all(body["group"] == "actor" and body["code"] == "overloaded" for _, body in over)
 
 
-async def _register(url: str, count: int, prefix: str) -> list[tuple[int, dict]]:
+async def _register(url: str, count: int, prefix: str) -> list[tuple[int, dict[str, Any]]]:
     """Actor creations through the manager API (a key recorded, no worker started)."""
     async with aiohttp.ClientSession() as s:
-        async def one(i: int) -> tuple[int, dict]:
+        async def one(i: int) -> tuple[int, dict[str, Any]]:
             async with s.put(f"{url}/actors", json={"name": "vm", "key": f"{prefix}-{i}"}) as r:
                 return r.status, await r.json()
         return [await one(i) for i in range(count)]
 
 
-def test_actor_creations_per_client_per_minute(make_supervisor) -> None:
+def test_actor_creations_per_client_per_minute(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--max-creations-per-minute", "300")
     results = asyncio.run(_register(sup.url, 400, "rate"))
     ok = [body for status, body in results if status == 200]

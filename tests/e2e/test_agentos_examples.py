@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from tests.e2e.test_npm_client import NPM_DIR, node_command, node_env, parse_results
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
+from tests.support import SupervisorProc
 
 
 def tool_then_done(call_id: str) -> tuple[Reply, Reply]:
@@ -31,10 +33,11 @@ async def run_examples(url: str, api_key: str) -> dict[str, Any]:
             await proc.wait()
     results = parse_results(stdout.decode())
     assert results, f"no result line (exit {proc.returncode})\n{stdout.decode()[-2000:]}\n{stderr.decode()[-3000:]}"
-    return results[-1]["results"]
+    examples: dict[str, Any] = results[-1]["results"]
+    return examples
 
 
-async def test_agentos_documentation_examples(make_supervisor):
+async def test_agentos_documentation_examples(make_supervisor: Callable[..., SupervisorProc]) -> None:
     fake = await FakeAnthropic(f"sk-test-{secrets.token_hex(12)}").start()
     try:
         fake.script(*tool_then_done("toolu_always"), *tool_then_done("toolu_once"))

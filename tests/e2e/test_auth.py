@@ -7,12 +7,15 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from supervisor.auth import new_token
 from tests.e2e.test_npm_client import ENCODINGS, NPM_DIR, kill_group, node_command, node_env, parse_results
+from tests.support import SupervisorProc
 
 ADMIN, ADMIN_HASH = new_token()
 CLIENT = "client-token-plain"
@@ -47,7 +50,7 @@ def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
 
 
 @pytest.fixture
-def guarded(make_supervisor, tmp_state):
+def guarded(make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> SupervisorProc:
     config = tmp_state / "auth.toml"
     config.write_text(f'''
 [[tokens]]
@@ -65,7 +68,8 @@ prefixes = ["team-a"]
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_npm_client_without_token_is_forbidden_and_starts_no_worker(guarded, encoding) -> None:
+def test_npm_client_without_token_is_forbidden_and_starts_no_worker(guarded: SupervisorProc,
+                                                                    encoding: str) -> None:
     result = run_auth(guarded.url, encoding, f"nope-{encoding}", None)
     for part in ("http", "connected"):
         assert result[part]["ok"] is False, result
@@ -78,12 +82,12 @@ def test_npm_client_without_token_is_forbidden_and_starts_no_worker(guarded, enc
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_npm_client_with_token_works(guarded, encoding) -> None:
+def test_npm_client_with_token_works(guarded: SupervisorProc, encoding: str) -> None:
     result = run_auth(guarded.url, encoding, f"ok-{encoding}", CLIENT)
     assert result["http"]["ok"] and result["connected"]["ok"], result
 
 
-def test_roles_and_prefixes(guarded) -> None:
+def test_roles_and_prefixes(guarded: SupervisorProc) -> None:
     assert http(f"{guarded.url}/admin/workers", token=CLIENT)[0] == 403
     assert http(f"{guarded.url}/admin/workers")[0] == 403
     assert http(f"{guarded.url}/actors/some-id", "DELETE", token=CLIENT)[0] == 403
@@ -97,7 +101,7 @@ def test_roles_and_prefixes(guarded) -> None:
     assert own["http"]["ok"] and own["connected"]["ok"], own
 
 
-def test_public_metrics(make_supervisor) -> None:
+def test_public_metrics(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--metrics-public", env={"ACTORVISOR_AUTH_TOKEN": "t0ken-env"})
     assert http(f"{sup.url}/metrics")[0] == 200
     assert http(f"{sup.url}/admin/workers")[0] == 403

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,6 +20,7 @@ from protocol.client import (
     Encoding,
     ErrorMsg,
     Init,
+    ToClient,
     decode_to_client,
     encode_to_server,
 )
@@ -36,18 +39,18 @@ class RawConn:
     async def send_raw(self, data: bytes | str) -> None:
         await (self.ws.send_str(data) if isinstance(data, str) else self.ws.send_bytes(data))
 
-    async def recv(self):
+    async def recv(self) -> ToClient:
         msg = await self.ws.receive(timeout=15)
         assert msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY), msg
         return decode_to_client(msg.data, self.encoding)
 
-    async def call(self, name: str, *args):
+    async def call(self, name: str, *args: Any) -> ToClient:
         self.next_id += 1
         await self.send_raw(encode_to_server(ActionRequest(self.next_id, name, list(args)), self.encoding))
         return await self.recv()
 
 
-async def open_raw(session, base, key, encoding):
+async def open_raw(session: aiohttp.ClientSession, base: str, key: str, encoding: Encoding) -> RawConn:
     ws = await session.ws_connect(connect_url(base, key),
                                   protocols=("rivet", f"rivet_encoding.{encoding.value}"))
     conn = RawConn(ws, encoding)
@@ -55,7 +58,7 @@ async def open_raw(session, base, key, encoding):
     return conn
 
 
-MALFORMED = {
+MALFORMED: dict[Encoding, list[bytes | str]] = {
     Encoding.JSON: ["{", "[]", '{"body":{"tag":"Nope","val":{}}}', '{"body":{"tag":"ActionRequest","val":{"id":"x","name":1,"args":[]}}}', b"\xff\xfe"],
     Encoding.CBOR: [b"\xff", b"\xa1\x64body\xa2\x63tag\x64Nope\x63val\xa0", b"\x80", b""],
     Encoding.BARE: [b"", b"\x04\x00", b"\x04\x00\x07", b"\x04\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x09\x00\x00\x01\x01a\x00", "text frame"],
@@ -63,7 +66,8 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("encoding", list(Encoding))
-async def test_malformed_frames_get_an_error_and_the_connection_lives(supervisor, encoding):
+async def test_malformed_frames_get_an_error_and_the_connection_lives(supervisor: SupervisorProc,
+                                                                      encoding: Encoding) -> None:
     async with aiohttp.ClientSession() as session:
         conn = await open_raw(session, supervisor.url, f"bad-{encoding.value}", encoding)
         for frame in MALFORMED[encoding]:
@@ -90,7 +94,7 @@ async def test_malformed_frames_get_an_error_and_the_connection_lives(supervisor
         await conn.ws.close()
 
 
-async def test_bad_upgrades_and_http_requests(supervisor):
+async def test_bad_upgrades_and_http_requests(supervisor: SupervisorProc) -> None:
     async with aiohttp.ClientSession() as session:
         resp = await session.get(connect_url(supervisor.url, "k"),
                                  headers={"Upgrade": "websocket", "Connection": "Upgrade",
@@ -134,7 +138,7 @@ async def test_bad_upgrades_and_http_requests(supervisor):
         assert resp.status == 404
 
 
-async def test_keys_and_paths_that_try_to_escape(supervisor):
+async def test_keys_and_paths_that_try_to_escape(supervisor: SupervisorProc) -> None:
     async with Client(supervisor.url) as client:
         for key in ["a\x00b", "line\nbreak", "k" * 600]:
             with pytest.raises(ActorvisorError) as info:
@@ -167,7 +171,7 @@ async def test_keys_and_paths_that_try_to_escape(supervisor):
 
 
 @pytest.fixture(scope="module")
-def shared_supervisor(tmp_path_factory):
+def shared_supervisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProc]:
     sup = SupervisorProc(tmp_path_factory.mktemp("fuzz") / "state", free_port(), [], dict(os.environ))
     sup.start()
     try:
@@ -192,5 +196,6 @@ async def _random_frames_then_action(url: str, frames: list[bytes | str]) -> Non
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frames=st.lists(st.binary(max_size=200) | st.text(max_size=200), min_size=1, max_size=5))
-def test_random_frames_never_harm_a_live_connection(shared_supervisor, frames):
+def test_random_frames_never_harm_a_live_connection(shared_supervisor: SupervisorProc,
+                                                    frames: list[bytes | str]) -> None:
     asyncio.run(_random_frames_then_action(shared_supervisor.url, frames))

@@ -10,14 +10,16 @@ import secrets
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from protocol.aio import Client
+from protocol.aio import Client, Connection
 from protocol.errors import ActorvisorError, ErrorCode
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
-from tests.support import ROOT, eventually, file_contains
+from tests.support import ROOT, SupervisorProc, eventually, file_contains
 
 
 @pytest.fixture
@@ -35,11 +37,11 @@ def api_env(fake: FakeAnthropic, **extra: str) -> dict[str, str]:
 
 
 
-def text(role: str, *parts: str) -> dict:
+def text(role: str, *parts: str) -> dict[str, Any]:
     return {"role": role, "content": [{"type": "text", "text": p} for p in parts]}
 
 
-async def replay_all(conn) -> list[dict]:
+async def replay_all(conn: Connection) -> list[dict[str, Any]]:
     events, after = [], 0
     while True:
         page = await conn.call("replayEvents", {"after": after})
@@ -49,11 +51,12 @@ async def replay_all(conn) -> list[dict]:
             return events
 
 
-async def test_conversation_survives_a_killed_worker(make_supervisor, fake: FakeAnthropic):
+async def test_conversation_survives_a_killed_worker(make_supervisor: Callable[..., SupervisorProc],
+                                                     fake: FakeAnthropic) -> None:
     sup = make_supervisor(env=api_env(fake))
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "claude-kill", reconnect=False)
-        shutdowns: list[dict] = []
+        shutdowns: list[dict[str, Any]] = []
         conn.on("vmShutdown", shutdowns.append)
         sid = (await conn.call("createSession", "claude", {}))["sessionId"]
         fake.script(Reply(Text("I will remember: zebra.")))
@@ -76,14 +79,15 @@ async def test_conversation_survives_a_killed_worker(make_supervisor, fake: Fake
         await conn.close()
 
 
-async def test_no_api_key_in_any_log_event_or_file(make_supervisor, fake: FakeAnthropic):
+async def test_no_api_key_in_any_log_event_or_file(make_supervisor: Callable[..., SupervisorProc],
+                                                   fake: FakeAnthropic) -> None:
     env_key = fake.api_key
     session_key = f"sk-test-{secrets.token_hex(12)}"
     # Debug everywhere, the SDK's own request logging included: the most a log can say.
     sup = make_supervisor(env=api_env(fake, ACTORVISOR_LOG_LEVEL="debug", ANTHROPIC_LOG="debug"))
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "claude-secrets", reconnect=False)
-        shutdowns: list[dict] = []
+        shutdowns: list[dict[str, Any]] = []
         conn.on("vmShutdown", shutdowns.append)
         with_key = (await conn.call("createSession", "claude", {
             "env": {"ANTHROPIC_API_KEY": session_key}, "permissionPolicy": "allow_all"}))["sessionId"]
@@ -123,7 +127,7 @@ async def test_no_api_key_in_any_log_event_or_file(make_supervisor, fake: FakeAn
                 assert not file_contains(path, key.encode()), path
 
 
-async def run_demo(sup, env: dict[str, str]) -> tuple[int, str]:
+async def run_demo(sup: SupervisorProc, env: dict[str, str]) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "supervisor.cli", "demo", "--url", sup.url, "--agent", "claude",
         "--actor", "demo-claude", cwd=ROOT, env=env,
@@ -137,8 +141,8 @@ async def run_demo(sup, env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(make_supervisor,
-                                                                         fake: FakeAnthropic):
+async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(
+        make_supervisor: Callable[..., SupervisorProc], fake: FakeAnthropic) -> None:
     # The agent runs in the service, so the key that matters is the service's: the demo
     # client needs none of its own.
     plain = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
@@ -157,8 +161,9 @@ async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(make_s
 
 
 @pytest.mark.parametrize("policy", ["ask", "allow_all"])
-async def test_the_service_permission_policy_reaches_the_worker(make_supervisor, tmp_state,
-                                                                fake: FakeAnthropic, policy: str):
+async def test_the_service_permission_policy_reaches_the_worker(
+        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path, fake: FakeAnthropic,
+        policy: str) -> None:
     """A session that names no policy gets the service's: by default it asks before the
     tool runs (and a rejection keeps it from running); with `allow_all` it just runs."""
     args: list[str] = []
@@ -169,7 +174,7 @@ async def test_the_service_permission_policy_reaches_the_worker(make_supervisor,
     sup = make_supervisor(*args, env=api_env(fake))
     async with Client(sup.url) as client:
         conn = await client.connect("vm", f"policy-{policy}")
-        asked: list[dict] = []
+        asked: list[dict[str, Any]] = []
         conn.on("permissionRequest", asked.append)
         sid = (await conn.call("createSession", "claude", {}))["sessionId"]
         fake.script(Reply(ToolUse("toolu_p", "bash", {"command": "echo ran > /workspace/ran"})),

@@ -13,16 +13,16 @@ import sys
 import termios
 import time
 
-from tests.support import ROOT
+from tests.support import ROOT, SupervisorProc
 
 
-def cli(sup, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(sup: SupervisorProc, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ACTORVISOR_LISTEN": f"127.0.0.1:{sup.port}"}
     return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_call_demo_and_events(supervisor):
+def test_call_demo_and_events(supervisor: SupervisorProc) -> None:
     out = cli(supervisor, "call", "cli-actor", "exec", '"echo hi from the vm"')
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["stdout"] == "hi from the vm\n"
@@ -46,7 +46,7 @@ def test_call_demo_and_events(supervisor):
     assert [json.loads(line)["seq"] for line in out.stdout.splitlines()] == seqs[-2:]
 
 
-def test_call_spawn_then_wait(supervisor):
+def test_call_spawn_then_wait(supervisor: SupervisorProc) -> None:
     out = cli(supervisor, "call", "cli-procs", "spawn", "sh", '["-c", "exit 7"]')
     assert out.returncode == 0, out.stderr
     pid = json.loads(out.stdout)["pid"]
@@ -57,7 +57,7 @@ def test_call_spawn_then_wait(supervisor):
 class Terminal:
     """`actorvisor shell` on a real pseudo-terminal, as a person at a terminal runs it."""
 
-    def __init__(self, sup, *args: str) -> None:
+    def __init__(self, sup: SupervisorProc, *args: str) -> None:
         self.master, slave = pty.openpty()
         self.set_size(24, 80)
         env = {**os.environ, "ACTORVISOR_LISTEN": f"127.0.0.1:{sup.port}", "TERM": "xterm"}
@@ -96,7 +96,7 @@ class Terminal:
         os.close(self.master)
 
 
-def test_shell_attaches_a_terminal_with_resize_ctrl_c_and_exit(supervisor):
+def test_shell_attaches_a_terminal_with_resize_ctrl_c_and_exit(supervisor: SupervisorProc) -> None:
     term = Terminal(supervisor, "cli-shell", "--command", "/bin/sh")
     try:
         # Markers are computed by the VM's shell, so the local echo of what is typed

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 
 from protocol.client import Encoding, Init, decode_to_client
+from tests.support import SupervisorProc
 
 
 async def open_and_wait_init(session: aiohttp.ClientSession, url: str, key: str,
@@ -24,7 +26,8 @@ async def open_and_wait_init(session: aiohttp.ClientSession, url: str, key: str,
     return elapsed, ws
 
 
-async def test_init_is_immediate_while_cold_actors_boot(make_supervisor):
+async def test_init_is_immediate_while_cold_actors_boot(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--boot-delay", "8")
     encodings = [Encoding.JSON, Encoding.CBOR, Encoding.BARE]
     async with aiohttp.ClientSession() as session:

@@ -70,7 +70,8 @@ async def test_attacks_from_inside_a_vm_fail_and_stay_inside_it(make_supervisor:
         assert wrote["exitCode"] != 0
 
         for kind, command, timeout in ATTACKS:
-            stop, samples = asyncio.Event(), []
+            stop = asyncio.Event()
+            samples: list[float] = []
             probe = asyncio.create_task(_probe(client, "bystander", stop, samples))
             try:
                 result = await client.action("vm", "attacked", "exec", command, {"timeoutMs": timeout * 1000})

@@ -12,9 +12,11 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError
@@ -39,7 +41,8 @@ def logged(db: Path) -> list[tuple[int, str]]:
 
 
 async def session_seqs(client: Client, key: str, session_id: str) -> list[int]:
-    seqs, after = [], 0
+    seqs: list[int] = []
+    after = 0
     while page := await client.action("vm", key, "getSessionEvents", session_id,
                                       {"after": after, "limit": 10000}):
         seqs.extend(e["seq"] for e in page)
@@ -55,7 +58,8 @@ def exactly_once(received: list[int], logged: list[int]) -> list[int]:
     return [] if received == span else sorted(set(span) ^ set(received)) or received
 
 
-async def test_worker_kill_9_during_bursts_skips_and_doubles_nothing(supervisor, tmp_path, monkeypatch):
+async def test_worker_kill_9_during_bursts_skips_and_doubles_nothing(
+        supervisor: SupervisorProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = "worker-kill-9"
     async with Client(supervisor.url) as client:
         sid = (await client.action("vm", key, "createSession", "local", {}))["sessionId"]
@@ -71,7 +75,7 @@ async def test_worker_kill_9_during_bursts_skips_and_doubles_nothing(supervisor,
                 worker = (await client.action("vm", key, "getRuntimeHealth"))["pid"]
                 start = len(python)
                 turn = asyncio.create_task(client.action("vm", key, "sendPrompt", sid, BURST))
-                await eventually(lambda start=start: len(python) > start + 300, 30)
+                await eventually(lambda start=start: len(python) > start + 300, 30)  # type: ignore[misc]
                 os.kill(worker, signal.SIGKILL)
                 try:
                     await turn
@@ -191,7 +195,8 @@ class Holders:
             self._thread.join(10)
 
 
-async def test_supervisor_kill_9_and_quick_restart_during_bursts(make_supervisor):
+async def test_supervisor_kill_9_and_quick_restart_during_bursts(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup: SupervisorProc = make_supervisor()
     key = "supervisor-kill-9"
     actor_dir = sup.state_dir / "actors" / actor_id_for("vm", key)
@@ -207,7 +212,7 @@ async def test_supervisor_kill_9_and_quick_restart_during_bursts(make_supervisor
                     workers.add(worker)
                     before = len(logged(db))
                     turn = asyncio.create_task(client.action("vm", key, "sendPrompt", sid, BURST))
-                    await eventually(lambda before=before: len(logged(db)) > before + 300, 30)
+                    await eventually(lambda before=before: len(logged(db)) > before + 300, 30)  # type: ignore[misc]
                     assert sup.proc is not None
                     sup.proc.send_signal(signal.SIGKILL)
                     sup.proc.wait(5)

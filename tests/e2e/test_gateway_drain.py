@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 
 import aiohttp
+
+from tests.support import SupervisorProc
 
 GATEWAY = "/gateway/vm/{path}?rvt-namespace=default&rvt-method=getOrCreate&rvt-key=drain"
 
 
-async def test_an_upgrade_during_the_drain_is_closed_with_going_away(make_supervisor):
+async def test_an_upgrade_during_the_drain_is_closed_with_going_away(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--stop-timeout", "30")
+    assert sup.proc is not None
     async with aiohttp.ClientSession() as session:
         resp = await session.post(sup.url + GATEWAY.format(path="action/getRuntimeHealth"),
                                   json={"args": []}, headers={"x-rivet-encoding": "json", "Content-Type": "application/json"})

@@ -7,16 +7,19 @@ import os
 import signal
 import socket
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
 from supervisor.actors import actor_id_for
-from tests.support import eventually
+from tests.support import SupervisorProc, eventually
 
 
-async def test_one_process_per_actor_and_a_kill_stays_contained(supervisor):
+async def test_one_process_per_actor_and_a_kill_stays_contained(supervisor: SupervisorProc) -> None:
+    assert supervisor.proc is not None
     async with Client(supervisor.url) as client:
         keys = [f"iso-{i}" for i in range(3)]
         health = await asyncio.gather(*(client.action("vm", k, "getRuntimeHealth") for k in keys))
@@ -51,15 +54,16 @@ async def test_one_process_per_actor_and_a_kill_stays_contained(supervisor):
         assert session["sessionId"] in [s["sessionId"] for s in sessions]
 
 
-async def test_vm_is_a_sandbox(supervisor, tmp_path):
+async def test_vm_is_a_sandbox(supervisor: SupervisorProc, tmp_path: Path) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
     try:
         async with Client(supervisor.url) as client:
-            async def sh(command: str) -> dict:
-                return await client.action("vm", "sandboxed", "exec", command, {})
+            async def sh(command: str) -> dict[str, Any]:
+                result: dict[str, Any] = await client.action("vm", "sandboxed", "exec", command, {})
+                return result
 
             shadow = await sh("cat /etc/shadow")
             assert shadow["exitCode"] != 0

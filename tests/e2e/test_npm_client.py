@@ -22,14 +22,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, SupervisorProc
 
 NPM_DIR = ROOT / "tests" / "e2e" / "npm"
 RIVETKIT = ROOT / "tests" / "node_modules" / "rivetkit" / "package.json"
@@ -180,7 +180,7 @@ def assert_complete(comparison: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("websocket", list(WEBSOCKETS))
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_quickstart_on_a_connection(supervisor, encoding, websocket):
+def test_quickstart_on_a_connection(supervisor: SupervisorProc, encoding: str, websocket: str) -> None:
     result = run_node(supervisor.url, "quickstart.mjs", encoding, timeout=60, websocket=websocket)
     received, logged = result["received"], result["logged"]
 
@@ -213,7 +213,7 @@ def test_quickstart_on_a_connection(supervisor, encoding, websocket):
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_http_handle_actions_and_manager_api(supervisor, encoding):
+def test_http_handle_actions_and_manager_api(supervisor: SupervisorProc, encoding: str) -> None:
     result = run_node(supervisor.url, "handle.mjs", encoding, timeout=60)
 
     assert result["reply"]["response"]["result"] == {"stopReason": "end_turn"}  # agentOS's
@@ -240,7 +240,8 @@ def test_http_handle_actions_and_manager_api(supervisor, encoding):
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_quickstart_race_actions_over_http(supervisor, encoding, capsys):
+def test_quickstart_race_actions_over_http(supervisor: SupervisorProc, encoding: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     """connect() + on("sessionEvent"), then createSession/sendPrompt on the HTTP handle at once."""
     result = run_node(supervisor.url, "race.mjs", encoding, timeout=60)
     comparison = result["comparison"]
@@ -268,7 +269,7 @@ def assert_actor_error(outcome: dict[str, Any], group: str, code: str) -> None:
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_errors_reach_the_client_as_actor_errors(supervisor, encoding):
+def test_errors_reach_the_client_as_actor_errors(supervisor: SupervisorProc, encoding: str) -> None:
     results = run_node(supervisor.url, "errors.mjs", encoding, timeout=90)["results"]
 
     for via in ("conn", "http"):
@@ -294,7 +295,8 @@ def test_errors_reach_the_client_as_actor_errors(supervisor, encoding):
 # ---- graceful restart ----------------------------------------------------------------
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_graceful_restart_connection_reconnects(make_supervisor, tmp_state, encoding):
+def test_graceful_restart_connection_reconnects(make_supervisor: Callable[..., SupervisorProc],
+                                                tmp_state: Path, encoding: str) -> None:
     """A restart as systemd does it with deploy/actorvisor.socket: the listening socket
     outlives the supervisor, so the client's reconnect waits in its backlog instead of
     being refused (the RivetKit client gives up on a refused reconnect: 1006, no reason)."""
@@ -326,7 +328,8 @@ def test_graceful_restart_connection_reconnects(make_supervisor, tmp_state, enco
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_stress_back_to_back_quickstarts(supervisor, encoding, capsys):
+def test_stress_back_to_back_quickstarts(supervisor: SupervisorProc, encoding: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     """300 fresh connections on one warm actor, each acting over HTTP right after connect()."""
     summary = run_node(supervisor.url, "stress.mjs", encoding, str(STRESS_CYCLES), timeout=150)
     with capsys.disabled():

@@ -19,7 +19,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -27,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.aio import Client
 from tests.notify import NotifySocket, pings
-from tests.support import ROOT, eventually
+from tests.support import ROOT, SupervisorProc, eventually
 
 REQUIRED_FAMILIES = {
     "actorvisor_connections", "actorvisor_actors", "actorvisor_events_relayed",
@@ -38,15 +40,17 @@ REQUIRED_FAMILIES = {
 
 
 
-async def admin(url: str) -> dict:
+async def admin(url: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/admin/workers") as resp:
-        return await resp.json()
+        snapshot: dict[str, Any] = await resp.json()
+    return snapshot
 
 
 # ---- systemd -------------------------------------------------------------------------
 
 
-async def test_notify_ready_before_a_slow_vm_then_status_watchdog_and_stopping(make_supervisor, tmp_state):
+async def test_notify_ready_before_a_slow_vm_then_status_watchdog_and_stopping(
+        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> None:
     notify = NotifySocket(tmp_state / "notify")
     try:
         sup = make_supervisor("--boot-delay", "8", "--stop-timeout", "5",
@@ -88,7 +92,7 @@ async def test_notify_ready_before_a_slow_vm_then_status_watchdog_and_stopping(m
 # ---- /metrics ------------------------------------------------------------------------
 
 
-async def scrape(url: str) -> tuple[set[str], dict[tuple[str, tuple], float]]:
+async def scrape(url: str) -> tuple[set[str], dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
@@ -101,14 +105,14 @@ async def scrape(url: str) -> tuple[set[str], dict[tuple[str, tuple], float]]:
     return families, samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 PROMPT = "hello there\nchunks: 20\nrun: echo metered"
 
 
-async def test_metrics_parse_and_move_with_traffic(make_supervisor):
+async def test_metrics_parse_and_move_with_traffic(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--ring-size", "8", "--conn-queue-bytes", "65536")
     families, before = await scrape(sup.url)
     assert REQUIRED_FAMILIES <= families, REQUIRED_FAMILIES - families
@@ -116,7 +120,7 @@ async def test_metrics_parse_and_move_with_traffic(make_supervisor):
 
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "metered", reconnect=False)
-        live: list[dict] = []
+        live: list[dict[str, Any]] = []
         conn.on("sessionEvent", live.append)
         sid = (await conn.call("createSession", "local", {}))["sessionId"]
         assert (await conn.call("sendPrompt", sid, PROMPT))["stopReason"] == "end_turn"
@@ -127,8 +131,8 @@ async def test_metrics_parse_and_move_with_traffic(make_supervisor):
 
         # Replays: a cursor older than the 8-event ring is read from SQLite, a recent one from the ring.
         last = live[-1]["seq"]
-        from_log: list[dict] = []
-        from_ring: list[dict] = []
+        from_log: list[dict[str, Any]] = []
+        from_ring: list[dict[str, Any]] = []
         late = await client.connect("vm", "metered", reconnect=False)
         late.subscribe("sessionEvent", from_log.append, after=0)
         late.subscribe("vmBooted", from_ring.append, after=last - 2)
@@ -178,7 +182,8 @@ async def run_top(url: str, *args: str) -> str:
     return out.decode()
 
 
-async def test_top_once_json_agrees_with_psutil(supervisor):
+async def test_top_once_json_agrees_with_psutil(supervisor: SupervisorProc) -> None:
+    assert supervisor.proc is not None
     async with Client(supervisor.url) as client:
         await client.action("vm", "top-idle", "getRuntimeHealth")
         busy_pid = (await client.action("vm", "top-busy", "getRuntimeHealth"))["pid"]
@@ -221,7 +226,7 @@ async def test_top_once_json_agrees_with_psutil(supervisor):
         await asyncio.gather(running, return_exceptions=True)
 
 
-async def test_top_flags_a_hung_worker(make_supervisor):
+async def test_top_flags_a_hung_worker(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--hang-timeout", "30")
     async with Client(sup.url) as client:
         pid = (await client.action("vm", "frozen", "getRuntimeHealth"))["pid"]
@@ -234,7 +239,7 @@ async def test_top_flags_a_hung_worker(make_supervisor):
             os.kill(pid, signal.SIGCONT)
 
 
-async def test_top_live_screen_in_tmux(supervisor, tmp_state):
+async def test_top_live_screen_in_tmux(supervisor: SupervisorProc, tmp_state: Path) -> None:
     tmux = shutil.which("tmux")
     assert tmux, "tmux is needed (make test installs it)"
     sock = f"actorvisor-test-{uuid.uuid4().hex[:8]}"
@@ -266,7 +271,8 @@ async def test_top_live_screen_in_tmux(supervisor, tmp_state):
 # ---- logs ----------------------------------------------------------------------------
 
 
-async def test_logs_are_json_lines_with_context_journald_levels_and_no_secrets(make_supervisor, tmp_state):
+async def test_logs_are_json_lines_with_context_journald_levels_and_no_secrets(
+        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> None:
     secret = f"sk-ant-test-{uuid.uuid4().hex}"
     log_path = tmp_state / "supervisor-0.log"  # where the fixture sends stderr
     log_path.touch()
@@ -299,7 +305,7 @@ async def test_logs_are_json_lines_with_context_journald_levels_and_no_secrets(m
     assert started["pid"] == worker_pid and started["actor"] == opened["actor"]
 
 
-def test_logs_on_a_terminal_are_for_people(tmp_state):
+def test_logs_on_a_terminal_are_for_people(tmp_state: Path) -> None:
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervisor.cli", "run", "--listen", "127.0.0.1:0",
@@ -330,7 +336,7 @@ def test_logs_on_a_terminal_are_for_people(tmp_state):
 # ---- the systemd unit ----------------------------------------------------------------
 
 
-def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path):
+def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """`systemd-analyze verify`, silent: it exits 0 even on unknown keys, so warnings count too.
 
     Verified against a scratch root holding the unit, the distribution's units it refers

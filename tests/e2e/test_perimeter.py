@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.e2e.test_auth import run_auth
-from tests.support import ROOT
+from tests.support import ROOT, SupervisorProc
 
 ACTION = "/gateway/vm/action/getRuntimeHealth?rvt-method=getOrCreate&rvt-key=perim"
 CONNECT = "/gateway/vm/connect?rvt-method=getOrCreate&rvt-key=perim"
@@ -28,10 +29,10 @@ async def _ws_close_reason(url: str, **headers: str) -> str | None:
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(url, protocols=PROTOCOLS, headers=headers) as ws:
             msg = await ws.receive(timeout=10)
-            return ws.close_code and msg.extra  # type: ignore[no-any-return]
+            return ws.close_code and msg.extra  # type: ignore[return-value]
 
 
-def test_browser_and_rebinding_refused(supervisor) -> None:
+def test_browser_and_rebinding_refused(supervisor: SupervisorProc) -> None:
     url = supervisor.url
     evil = {"Origin": "http://evil.example"}
     assert asyncio.run(_post(url + ACTION, **evil, **{"Content-Type": "application/json"})) == 403
@@ -49,12 +50,12 @@ def test_browser_and_rebinding_refused(supervisor) -> None:
 
 
 @pytest.mark.parametrize("encoding", ["bare", "json", "cbor"])
-def test_npm_client_works_with_no_configuration(supervisor, encoding) -> None:
+def test_npm_client_works_with_no_configuration(supervisor: SupervisorProc, encoding: str) -> None:
     result = run_auth(supervisor.url, encoding, f"plain-{encoding}", None)
     assert result["http"]["ok"] and result["connected"]["ok"], result
 
 
-def test_public_listen_without_token_refuses_to_start(tmp_state) -> None:
+def test_public_listen_without_token_refuses_to_start(tmp_state: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run", "--listen", "0.0.0.0:0",
                            "--state-dir", str(tmp_state / "s")], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)

@@ -133,9 +133,9 @@ async def test_preview_urls_reach_a_vm_server_and_nothing_else(make_supervisor: 
         assert stat.S_IMODE(ingress.stat().st_mode) == 0o600
         for header, answer in ((b"99999\n", b"-"), (b"00000\n", b"-"), (b"8000 \n", b"-"),
                                (b"08001\n", b"+")):
-            r, w = await asyncio.open_unix_connection(str(ingress))
+            reader, w = await asyncio.open_unix_connection(str(ingress))
             w.write(header)
-            assert await r.read(1) == answer, header
+            assert await reader.read(1) == answer, header
             w.close()
 
         # Forged or rebound to another actor: 403, and actor b is not even looked at.
@@ -179,7 +179,7 @@ async def test_preview_urls_reach_a_vm_server_and_nothing_else(make_supervisor: 
             assert r.status == 503
 
 
-BAD_CREATES = [
+BAD_CREATES: list[tuple[list[Any], str]] = [
     ([0, 60], "port must be an integer from 1 to 65535, got 0"),
     ([65536, 60], "port must be an integer from 1 to 65535, got 65536"),
     (["8000", 60], "port must be an integer from 1 to 65535, got '8000'"),

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
 from protocol.aio import Client
 from protocol.client import Encoding
 from tests.e2e.proxy import CuttableProxy
-from tests.support import eventually
+from tests.support import SupervisorProc, eventually
 
 STREAM = 5000
 
 
 async def logged_seqs(client: Client, key: str, session_id: str) -> list[int]:
-    seqs, after = [], 0
+    seqs: list[int] = []
+    after = 0
     while True:
         page = await client.action("vm", key, "getSessionEvents", session_id, {"after": after, "limit": 10000})
         if not page:
@@ -28,7 +31,7 @@ async def logged_seqs(client: Client, key: str, session_id: str) -> list[int]:
 
 
 
-async def test_random_cuts_during_a_long_stream(supervisor):
+async def test_random_cuts_during_a_long_stream(supervisor: SupervisorProc) -> None:
     rng = random.Random(20261127)
     proxy = CuttableProxy(supervisor.port)
     await proxy.start()
@@ -56,7 +59,8 @@ async def test_random_cuts_during_a_long_stream(supervisor):
         await proxy.close()
 
 
-async def test_supervisor_kill_9_mid_stream_then_resume(make_supervisor):
+async def test_supervisor_kill_9_mid_stream_then_resume(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor()
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "kill-9")
@@ -91,11 +95,12 @@ async def test_supervisor_kill_9_mid_stream_then_resume(make_supervisor):
         await conn.close()
 
 
-async def test_a_recreated_log_is_reported_not_skipped(make_supervisor):
+async def test_a_recreated_log_is_reported_not_skipped(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor()
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "epochs")
-        received: list[dict] = []
+        received: list[dict[str, Any]] = []
         conn.on("sessionEvent", received.append)
         sid = (await client.action("vm", "epochs", "createSession", "local", {}))["sessionId"]
         await client.action("vm", "epochs", "sendPrompt", sid, "chunks: 20")
@@ -112,7 +117,7 @@ async def test_a_recreated_log_is_reported_not_skipped(make_supervisor):
         await client.action("vm", "epochs", "sendPrompt", sid, "hello again")
         conn2 = await client.connect("vm", "epochs", reconnect=False)
         conn2.cursors["sessionEvent"], conn2.epoch = received[-1]["seq"], old_epoch
-        fresh: list[dict] = []
+        fresh: list[dict[str, Any]] = []
         conn2.on("sessionEvent", fresh.append)
         await eventually(lambda: conn2.errors and fresh, 10)
         assert conn2.errors[0].code.value == "actor.epoch_changed"

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from protocol.aio import Client
+from protocol.aio import Client, Connection
 from protocol.client import Encoding
+from tests.support import SupervisorProc
 
 PROMPT = "hello there\nthink: planning\nwrite /workspace/a.txt: alpha\nrun: cat /workspace/a.txt"
 
 
-async def collect_log(conn_or_client, session_id: str, *, via_http: tuple | None = None) -> list[dict]:
-    events, after = [], 0
+async def collect_log(conn_or_client: Connection | None, session_id: str, *, via_http: tuple[Client,
+                      str] | None = None) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    after = 0
     while True:
         if via_http:
             client, key = via_http
             page = await client.action("vm", key, "getSessionEvents", session_id, {"after": after})
         else:
+            assert conn_or_client is not None
             page = await conn_or_client.call("getSessionEvents", session_id, {"after": after})
         if not page:
             return events
@@ -24,11 +29,11 @@ async def collect_log(conn_or_client, session_id: str, *, via_http: tuple | None
         after = page[-1]["seq"]
 
 
-async def test_subscribe_then_act_on_one_connection(supervisor):
+async def test_subscribe_then_act_on_one_connection(supervisor: SupervisorProc) -> None:
     for encoding in (Encoding.JSON, Encoding.CBOR, Encoding.BARE):
         async with Client(supervisor.url, encoding) as client:
             conn = await client.connect("vm", f"same-conn-{encoding.value}", reconnect=False)
-            received: list[dict] = []
+            received: list[dict[str, Any]] = []
             conn.on("sessionEvent", received.append)
             session = await conn.call("createSession", "local", {})
             sid = session["sessionId"]
@@ -53,10 +58,10 @@ async def test_subscribe_then_act_on_one_connection(supervisor):
             await conn.close()
 
 
-async def test_http_actions_with_websocket_subscription(supervisor):
+async def test_http_actions_with_websocket_subscription(supervisor: SupervisorProc) -> None:
     async with Client(supervisor.url, Encoding.JSON) as client:
         conn = await client.connect("vm", "http-actions", reconnect=False)
-        received: list[dict] = []
+        received: list[dict[str, Any]] = []
         conn.on("sessionEvent", received.append)
         # Make sure the subscription is registered before acting over HTTP: an action on
         # the same connection is handled after it, strictly in order.
@@ -76,7 +81,7 @@ async def test_http_actions_with_websocket_subscription(supervisor):
         await conn.close()
 
 
-async def test_paced_chunks_carry_their_emission_time(supervisor):
+async def test_paced_chunks_carry_their_emission_time(supervisor: SupervisorProc) -> None:
     async with Client(supervisor.url) as client:
         sid = (await client.action("vm", "paced", "createSession", "local", {}))["sessionId"]
         result = await client.action("vm", "paced", "sendPrompt", sid, "chunks: 5 at 100/s")

@@ -7,11 +7,13 @@ import base64
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import psutil
 
 from protocol.aio import Client
 from protocol.client import Encoding, SubscriptionRequest, encode_to_server
+from tests.support import SupervisorProc
 
 FAST_CLIENTS = 20
 TURNS = 6
@@ -45,7 +47,9 @@ def open_stalled_subscriber(port: int, key: str, event: str = "sessionEvent") ->
     while b"\r\n\r\n" not in response:
         response += sock.recv(4096)
     assert response.startswith(b"HTTP/1.1 101"), response
-    sock.sendall(ws_frame(encode_to_server(SubscriptionRequest(event, True), Encoding.CBOR)))
+    frame = encode_to_server(SubscriptionRequest(event, True), Encoding.CBOR)
+    assert isinstance(frame, bytes)
+    sock.sendall(ws_frame(frame))
     return sock
 
 
@@ -79,8 +83,10 @@ def closed_by_server(sock: socket.socket) -> str:
             return "reset"
 
 
-async def test_stalled_client_is_cut_and_delays_nobody(make_supervisor):
+async def test_stalled_client_is_cut_and_delays_nobody(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--conn-queue-bytes", str(QUEUE_BOUND))
+    assert sup.proc is not None
     supervisor_proc = psutil.Process(sup.proc.pid)
     async with Client(sup.url) as client:
         key = "fanout"

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import psutil
@@ -13,21 +15,22 @@ import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
-from tests.support import eventually
+from tests.support import SupervisorProc, eventually
 
 
-async def admin_actors(url: str) -> list[dict]:
+async def admin_actors(url: str) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/admin/workers") as resp:
-        return (await resp.json())["actors"]
+        actors: list[dict[str, Any]] = (await resp.json())["actors"]
+    return actors
 
 
-async def admin_actor(url: str, key: str) -> dict:
+async def admin_actor(url: str, key: str) -> dict[str, Any]:
     return next(a for a in await admin_actors(url) if a["key"] == key)
 
 
 
 
-async def replay_all(client: Client, key: str) -> list[dict]:
+async def replay_all(client: Client, key: str) -> list[dict[str, Any]]:
     events, after = [], 0
     while True:
         page = await client.action("vm", key, "replayEvents", {"after": after})
@@ -37,10 +40,10 @@ async def replay_all(client: Client, key: str) -> list[dict]:
             return events
 
 
-async def test_worker_killed_mid_turn(supervisor):
+async def test_worker_killed_mid_turn(supervisor: SupervisorProc) -> None:
     async with Client(supervisor.url) as client:
         conn = await client.connect("vm", "mid-turn", reconnect=False)
-        received: list[tuple[str, dict]] = []
+        received: list[tuple[str, dict[str, Any]]] = []
         for name in ("sessionEvent", "vmShutdown", "vmBooted"):
             conn.on(name, lambda p, name=name: received.append((name, p)))
         sid = (await conn.call("createSession", "local", {}))["sessionId"]
@@ -70,7 +73,7 @@ async def test_worker_killed_mid_turn(supervisor):
         await conn.close()
 
 
-async def test_crash_loop_marks_actor_failed_and_spares_others(supervisor):
+async def test_crash_loop_marks_actor_failed_and_spares_others(supervisor: SupervisorProc) -> None:
     async with Client(supervisor.url) as client:
         other = await client.action("vm", "bystander", "getRuntimeHealth")
         for _ in range(6):
@@ -94,11 +97,12 @@ async def _state_in(url: str, key: str, states: set[str]) -> bool:
     return (await admin_actor(url, key))["state"] in states
 
 
-async def test_stopped_worker_is_declared_hung_and_replaced(make_supervisor):
+async def test_stopped_worker_is_declared_hung_and_replaced(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--hang-timeout", "2")
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "frozen", reconnect=False)
-        shutdowns: list[dict] = []
+        shutdowns: list[dict[str, Any]] = []
         conn.on("vmShutdown", shutdowns.append)
         pid = (await conn.call("getRuntimeHealth"))["pid"]
         os.kill(pid, signal.SIGSTOP)
@@ -124,16 +128,18 @@ def _our_processes(pids: list[int]) -> list[int]:
     return alive
 
 
-async def test_supervisor_sigkill_leaves_no_worker_or_sandbox(supervisor):
+async def test_supervisor_sigkill_leaves_no_worker_or_sandbox(supervisor: SupervisorProc) -> None:
+    proc = supervisor.proc
+    assert proc is not None
     async with Client(supervisor.url) as client:
         running = [asyncio.create_task(client.action("vm", f"orphan-{i}", "exec", "sleep 120", {}))
                    for i in range(3)]
         await eventually(lambda: sum(
-            p.name() == "sleep" for p in psutil.Process(supervisor.proc.pid).children(recursive=True)) >= 3)
-        tree = [p.pid for p in psutil.Process(supervisor.proc.pid).children(recursive=True)]
+            p.name() == "sleep" for p in psutil.Process(proc.pid).children(recursive=True)) >= 3)
+        tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert len(tree) >= 3 * 3  # worker, bwrap, sleep per actor (+ the zygote)
-        supervisor.proc.kill()
-        supervisor.proc.wait()
+        proc.kill()
+        proc.wait()
         deadline = time.monotonic() + 5.0
         while _our_processes(tree) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -144,8 +150,10 @@ async def test_supervisor_sigkill_leaves_no_worker_or_sandbox(supervisor):
 
 
 @pytest.mark.parametrize("boot_delay", ["0", "30"])
-async def test_sigterm_drains_cleanly(make_supervisor, boot_delay):
+async def test_sigterm_drains_cleanly(make_supervisor: Callable[..., SupervisorProc],
+                                      boot_delay: str) -> None:
     sup = make_supervisor("--boot-delay", boot_delay, "--stop-timeout", "5")
+    assert sup.proc is not None
     async with Client(sup.url) as client:
         keys = [f"drain-{i}" for i in range(3)]
         if boot_delay == "0":
@@ -171,7 +179,8 @@ async def test_sigterm_drains_cleanly(make_supervisor, boot_delay):
     assert not any(p.name == "workers.ipc" for p in sup.state_dir.rglob("*"))
 
 
-async def test_idle_actor_sleeps_and_wakes_with_everything(make_supervisor):
+async def test_idle_actor_sleeps_and_wakes_with_everything(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--sleep-after", "1")
     async with Client(sup.url) as client:
         sid = (await client.action("vm", "sleepy", "createSession", "local", {}))["sessionId"]
@@ -191,7 +200,7 @@ async def test_idle_actor_sleeps_and_wakes_with_everything(make_supervisor):
         assert (await client.action("vm", "sleepy", "sendPrompt", sid, "again"))["stopReason"] == "end_turn"
 
 
-async def test_resource_limits_contain_a_runaway(make_supervisor):
+async def test_resource_limits_contain_a_runaway(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--worker-memory-mb", "2048")
     async with Client(sup.url) as client:
         other = await client.action("vm", "calm", "getRuntimeHealth")
@@ -201,7 +210,7 @@ async def test_resource_limits_contain_a_runaway(make_supervisor):
         assert (await client.action("vm", "calm", "getRuntimeHealth"))["pid"] == other["pid"]
 
 
-async def test_a_worker_over_its_limits_fails_alone(make_supervisor):
+async def test_a_worker_over_its_limits_fails_alone(make_supervisor: Callable[..., SupervisorProc]) -> None:
     sup = make_supervisor("--worker-open-files", "8")
     async with Client(sup.url) as client:
         with pytest.raises(ActorvisorError) as info:
@@ -211,7 +220,8 @@ async def test_a_worker_over_its_limits_fails_alone(make_supervisor):
             assert resp.status == 200
 
 
-async def test_an_action_that_arrives_while_going_to_sleep_wakes_the_actor(supervisor):
+async def test_an_action_that_arrives_while_going_to_sleep_wakes_the_actor(
+        supervisor: SupervisorProc) -> None:
     async with Client(supervisor.url) as client:
         sid = (await client.action("vm", "drowsy", "createSession", "local", {}))["sessionId"]
         first_pid = (await client.action("vm", "drowsy", "getRuntimeHealth"))["pid"]
@@ -234,19 +244,21 @@ async def test_an_action_that_arrives_while_going_to_sleep_wakes_the_actor(super
 IDLE_ACTORS = 150
 
 
-async def test_a_stalled_supervisor_loses_no_worker_and_a_stopped_worker_is_replaced(make_supervisor):
+async def test_a_stalled_supervisor_loses_no_worker_and_a_stopped_worker_is_replaced(
+        make_supervisor: Callable[..., SupervisorProc]) -> None:
     """Lateness is not death: a supervisor stopped for three times the hang timeout (the
     silence after which workers used to leave) finds every worker still there, none
     restarted; a worker that is itself stopped is still declared hung and replaced."""
     hang = 2.0
     sup = make_supervisor("--hang-timeout", str(hang), "--max-running-actors", "1000",
                           "--max-creations-per-minute", "100000", "--vm-disk-mb", "64")
+    assert sup.proc is not None
     keys = [f"idle-{i}" for i in range(IDLE_ACTORS)]
     async with Client(sup.url) as client:
         for first in range(0, len(keys), 25):
             await asyncio.gather(*(client.action("vm", key, "getRuntimeHealth") for key in keys[first:first + 25]))
 
-        async def all_ready() -> list[dict] | None:
+        async def all_ready() -> list[dict[str, Any]] | None:
             actors = await admin_actors(sup.url)
             return actors if sum(a["state"] == "ready" for a in actors) == len(keys) else None
 
@@ -276,10 +288,11 @@ async def test_a_stalled_supervisor_loses_no_worker_and_a_stopped_worker_is_repl
         assert bystanders == {k: pid for k, pid in before.items() if k != victim}
 
 
-async def test_workers_leave_a_supervisor_that_dies(make_supervisor):
+async def test_workers_leave_a_supervisor_that_dies(make_supervisor: Callable[..., SupervisorProc]) -> None:
     """A dead supervisor is evidence: its workers leave (the parent-death chain, and each
     worker's pidfd on the supervisor), each logging its own goodbye."""
     sup = make_supervisor()
+    assert sup.proc is not None
     async with Client(sup.url) as client:
         pid = (await client.action("vm", "abandoned", "getRuntimeHealth"))["pid"]
         logged_before = len(await replay_all(client, "abandoned"))

@@ -188,6 +188,7 @@ def test_json_error_shape() -> None:
 def test_bare_error_layout() -> None:
     frame = encode_to_client(ErrorMsg("g", "c", "m", [1], 300, ActorSpecifier("a", 2, "k")),
                              Encoding.BARE)
+    assert isinstance(frame, bytes)
     assert frame.hex() == ("0400" "01" "0167" "0163" "016d"   # version, tag Error, strings
                            "01" "02" "8101"                    # metadata: CBOR [1]
                            "01" "ac02"                         # actionId 300

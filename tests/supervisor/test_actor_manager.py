@@ -131,7 +131,7 @@ async def test_an_action_starts_the_worker_and_reaches_it_after_hello(harness: H
     assert harness.spawner.specs[0].actor_id == actor.id and actor.proc is worker
     assert harness.actions() == [] and len(actor.pending) == 1
     harness.hello(actor, worker)
-    assert actor.state is ActorState.BOOTING and harness.actions() == ["getRuntimeHealth"]
+    assert actor.state is ActorState.BOOTING and harness.actions() == ["getRuntimeHealth"]  # type: ignore[comparison-overlap]
     harness.phase(actor, WorkerPhase.READY, bootMs=3)
     assert actor.state is ActorState.READY
     (_, action), = harness.sent
@@ -152,7 +152,7 @@ async def test_a_vm_that_fails_to_boot_is_an_actor_state_its_worker_still_answer
     assert harness.actions() == ["getRuntimeHealth"]
     # It sleeps like any other; its next start boots again.
     harness.manager.stop(actor, ShutdownReason.SLEEP)
-    assert actor.state is ActorState.STOPPING
+    assert actor.state is ActorState.STOPPING  # type: ignore[comparison-overlap]
     worker.exit(0)
     await eventually(lambda: actor.state is ActorState.STOPPED, timeout=5)
 

@@ -73,7 +73,7 @@ class FakeManager:
 async def cron(tmp_path: Path) -> Any:
     manager = FakeManager(tmp_path / "actors")
     (manager.actors_dir / ACTOR).mkdir(parents=True)
-    scheduler = CronScheduler(manager, 1.0)  # type: ignore[arg-type]
+    scheduler = CronScheduler(manager, 1.0)
     scheduler.start()
     yield scheduler, manager
     manager.finish_all()
@@ -137,7 +137,7 @@ def test_any_schedule_text_is_accepted_or_refused_precisely(text: str) -> None:
                                          "args", "agentType", "prompt", "options", "x"]),
                         inner, max_size=5), max_leaves=12))
 def test_schedule_cron_refuses_any_malformed_options_precisely(options: Any) -> None:
-    scheduler = CronScheduler(FakeManager(Path("/nonexistent")), 1.0)  # type: ignore[arg-type]
+    scheduler = CronScheduler(FakeManager(Path("/nonexistent")), 1.0)
     try:
         scheduler.schedule(ACTOR, options)
     except ActorvisorError as err:
@@ -150,7 +150,7 @@ def test_schedule_cron_refuses_any_malformed_options_precisely(options: Any) -> 
 def test_bad_actions_and_limits(tmp_path: Path) -> None:
     manager = FakeManager(tmp_path)
     (tmp_path / ACTOR).mkdir()
-    scheduler = CronScheduler(manager, 1.0)  # type: ignore[arg-type]
+    scheduler = CronScheduler(manager, 1.0)
     ok = {"schedule": "* * * * *", "action": EXEC}
     assert "overlap must be" in invalid(scheduler.schedule, ACTOR, {**ok, "overlap": "never"})
     assert "type must be 'exec' or 'session'" in invalid(scheduler.schedule, ACTOR, {**ok, "action": {"type": "callback"}})
@@ -183,11 +183,11 @@ def test_missed_runs_catch_up_once_at_start(tmp_path: Path) -> None:
          "createdAt": int(time.time() * 1000), "lastRun": None, "runCount": 0}]}))
 
     async def start() -> dict[str, Any]:
-        scheduler = CronScheduler(FakeManager(tmp_path), 1.0)  # type: ignore[arg-type]
+        scheduler = CronScheduler(FakeManager(tmp_path), 1.0)
         scheduler.start()
         assert scheduler._task is not None
         scheduler._task.cancel()
-        return {j["id"]: j for j in scheduler.local_actions()["listCronJobs"](FakeActor(ACTOR), [])}  # type: ignore[arg-type]
+        return {j["id"]: j for j in scheduler.local_actions()["listCronJobs"](FakeActor(ACTOR), [])}
 
     jobs = asyncio.run(start())
     assert jobs["late"]["nextRun"] <= time.time() * 1000  # due now: the one catch-up run
@@ -218,7 +218,7 @@ async def test_overlap_as_agentos_defines_it(cron: Any, overlap: str, runs: int)
 async def test_a_run_wakes_no_worker_past_max_running_actors(tmp_path: Path) -> None:
     manager = FakeManager(tmp_path)
     (tmp_path / ACTOR).mkdir()
-    scheduler = CronScheduler(manager, 1.0, max_running=1)  # type: ignore[arg-type]
+    scheduler = CronScheduler(manager, 1.0, max_running=1)
     scheduler.schedule(ACTOR, {"id": "j", "schedule": "0 0 1 1 *", "action": EXEC})
     scheduler._fire(ACTOR, scheduler._jobs[ACTOR]["j"], time.time())
     await asyncio.gather(*manager.tasks)

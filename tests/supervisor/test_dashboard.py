@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 
 from supervisor.dashboard import (
@@ -18,12 +20,12 @@ from supervisor.dashboard import (
 SUP = {"heartbeatIntervalMs": 1000, "hangTimeoutMs": 6000, "connQueueBytes": 1000}
 
 
-def actor(key: str, state: str = "ready", **fields) -> dict:
+def actor(key: str, state: str = "ready", **fields: Any) -> dict[str, Any]:
     return {"actorId": key, "key": key, "state": state, "pid": 100, "lastHeartbeatAgeMs": 0,
             "maxQueuedBytes": 0, "process": {"status": "sleeping", "cpuPercent": 1.0}, **fields}
 
 
-def test_flags():
+def test_flags() -> None:
     assert flags_of(actor("ok"), SUP) == []
     assert flags_of(actor("dead", "failed", pid=None, lastHeartbeatAgeMs=None, process=None), SUP) == [FAILED]
     assert flags_of(actor("crashed", "crashed"), SUP) == [FAILED]
@@ -33,7 +35,7 @@ def test_flags():
     assert flags_of(actor("backlog", maxQueuedBytes=300), SUP) == [SLOW]
 
 
-def test_sort_numbers_descending_names_ascending_missing_last():
+def test_sort_numbers_descending_names_ascending_missing_last() -> None:
     rows = [actor("b", process={"cpuPercent": 5.0}), actor("a", process={"cpuPercent": 50.0}),
             actor("c", "stopped", process=None)]
     assert [a["key"] for a in sort_actors(rows, "cpu", False)] == ["a", "b", "c"]
@@ -43,7 +45,7 @@ def test_sort_numbers_descending_names_ascending_missing_last():
     assert [a["key"] for a in sort_actors(rows, "state", False)][0] == "d"
 
 
-def test_formatting():
+def test_formatting() -> None:
     assert human_bytes(None) == "-"
     assert human_bytes(512) == "512B"
     assert human_bytes(1536) == "1.5K"
@@ -54,7 +56,7 @@ def test_formatting():
     assert human_duration_ms(3_725_000) == "1h02m"
 
 
-def test_render_without_process_figures_says_why():
+def test_render_without_process_figures_says_why() -> None:
     snap = {"url": "http://x", "processFigures": False,
             "supervisor": {"version": "0", "pid": 1, "actorsByState": {"ready": 1}, **SUP},
             "actors": [actor("remote", process=None, flags=[])]}

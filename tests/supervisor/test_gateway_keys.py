@@ -22,15 +22,15 @@ CASES = [
 
 
 @pytest.mark.parametrize(("parts", "serialized", "query"), CASES)
-def test_manager_key_to_query_form(parts, serialized, query):
+def test_manager_key_to_query_form(parts: list[str], serialized: str, query: str) -> None:
     assert query == ",".join(parts)
     assert key_from_manager_api(serialized) == query
 
 
 @pytest.mark.parametrize(("parts", "serialized", "query"), CASES)
-def test_query_form_to_manager_key(parts, serialized, query):
+def test_query_form_to_manager_key(parts: list[str], serialized: str, query: str) -> None:
     assert key_for_manager_api(query) == serialized
 
 
-def test_a_trailing_escape_is_a_literal_backslash():
+def test_a_trailing_escape_is_a_literal_backslash() -> None:
     assert key_from_manager_api("abc\\") == "abc\\"

@@ -44,7 +44,7 @@ def publish(relay: ActorRelay, seq: int) -> None:
     relay.publish(seq, "epoch-1", "sessionEvent", {"seq": seq})
 
 
-async def test_live_subscription_sees_only_new_events(tmp_path):
+async def test_live_subscription_sees_only_new_events(tmp_path: Path) -> None:
     relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
     relay.on_worker_hello("epoch-1", 0)
     publish(relay, 1)
@@ -56,7 +56,7 @@ async def test_live_subscription_sees_only_new_events(tmp_path):
     assert sink.seqs == [2, 3]
 
 
-async def test_cursor_within_ring_backfills_synchronously(tmp_path):
+async def test_cursor_within_ring_backfills_synchronously(tmp_path: Path) -> None:
     relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
     relay.on_worker_hello("epoch-1", 0)
     for seq in range(1, 11):
@@ -68,7 +68,7 @@ async def test_cursor_within_ring_backfills_synchronously(tmp_path):
     assert sink.seqs == list(range(5, 12))
 
 
-async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_path):
+async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_path: Path) -> None:
     db = tmp_path / "events.db"
     total = 5000
     make_log(db, total)
@@ -79,7 +79,7 @@ async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_p
         publish(relay, seq)
     sink = Sink()
     sub = relay.subscribe(sink, "sessionEvent", 10)
-    assert sub.catching_up
+    assert sub.catching_up and sub.task is not None
     # Live events published during the catch-up are held back, then delivered once.
     with sqlite3.connect(db) as conn:
         conn.executemany("INSERT INTO events VALUES (?, 'sessionEvent', NULL, ?, 0)",
@@ -91,7 +91,7 @@ async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_p
     assert not sink.errors
 
 
-async def test_unsubscribe_stops_delivery(tmp_path):
+async def test_unsubscribe_stops_delivery(tmp_path: Path) -> None:
     relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
     relay.on_worker_hello("epoch-1", 0)
     sink = Sink()
@@ -103,7 +103,7 @@ async def test_unsubscribe_stops_delivery(tmp_path):
     assert relay.subscriber_count() == 0
 
 
-async def test_a_gap_is_filled_from_the_log_before_anything_after_it(tmp_path):
+async def test_a_gap_is_filled_from_the_log_before_anything_after_it(tmp_path: Path) -> None:
     # A worker killed between its commit and its send: seqs 3..7 are in the log only.
     make_log(tmp_path / "events.db", 8)
     relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
@@ -122,7 +122,7 @@ async def test_a_gap_is_filled_from_the_log_before_anything_after_it(tmp_path):
     assert relay.last_seq == 9 and relay.gaps_filled == 1 and not relay.has_catch_up()
 
 
-async def test_a_hello_ahead_of_the_relay_is_filled_from_the_log(tmp_path):
+async def test_a_hello_ahead_of_the_relay_is_filled_from_the_log(tmp_path: Path) -> None:
     make_log(tmp_path / "events.db", 6)
     relay = ActorRelay("a", tmp_path / "events.db", ring_size=16)
     relay.on_worker_hello("epoch-1", 0)

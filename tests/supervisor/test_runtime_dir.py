@@ -20,7 +20,7 @@ def owned_dir(parent: Path, name: str, owner: int | None) -> Path:
     return path
 
 
-def test_dirs_of_dead_owners_are_removed_living_ones_kept(tmp_path):
+def test_dirs_of_dead_owners_are_removed_living_ones_kept(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -40,7 +40,7 @@ def test_dirs_of_dead_owners_are_removed_living_ones_kept(tmp_path):
         living.wait()
 
 
-def test_a_private_runtime_dir_names_its_owner():
+def test_a_private_runtime_dir_names_its_owner() -> None:
     path = make_private_runtime_dir()
     try:
         # Ours, and we live: kept.

@@ -23,7 +23,7 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
         sock.close()
 
 
-def test_path_socket_gets_each_message(notify):
+def test_path_socket_gets_each_message(notify: NotifySocket) -> None:
     address = str(notify.path)
     notifier = Notifier(address, watchdog_usec=2_000_000)
     assert notifier.enabled and notifier.watchdog_interval == 1.0
@@ -40,7 +40,7 @@ def test_path_socket_gets_each_message(notify):
     ]
 
 
-def test_abstract_namespace_socket():
+def test_abstract_namespace_socket() -> None:
     name = f"actorvisor-test-{uuid.uuid4().hex}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind("\0" + name)
@@ -53,7 +53,7 @@ def test_abstract_namespace_socket():
         sock.close()
 
 
-def test_from_env_takes_the_variables_out_of_the_environment(notify):
+def test_from_env_takes_the_variables_out_of_the_environment(notify: NotifySocket) -> None:
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid()),
            "OTHER": "kept"}
     notifier = Notifier.from_env(env)
@@ -63,21 +63,21 @@ def test_from_env_takes_the_variables_out_of_the_environment(notify):
     notifier.close()
 
 
-def test_watchdog_of_another_process_is_not_ours(notify):
+def test_watchdog_of_another_process_is_not_ours(notify: NotifySocket) -> None:
     notifier = Notifier.from_env({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "3000000",
                                   "WATCHDOG_PID": str(os.getpid() + 1)})
     assert notifier.enabled and notifier.watchdog_interval is None
     notifier.close()
 
 
-def test_without_systemd_everything_is_a_no_op():
+def test_without_systemd_everything_is_a_no_op() -> None:
     notifier = Notifier.from_env({})
     assert not notifier.enabled and notifier.watchdog_interval is None
     assert notifier.ready("x") is False
     assert notifier.watchdog() is False
 
 
-def test_a_missing_manager_socket_is_reported_not_raised(tmp_path):
+def test_a_missing_manager_socket_is_reported_not_raised(tmp_path: Path) -> None:
     notifier = Notifier(str(tmp_path / "nobody-listens"))
     assert notifier.ready("x") is False
     notifier.close()

@@ -18,7 +18,7 @@ from supervisor.sdnotify import Notifier
 from tests.notify import NotifySocket, pings
 
 
-async def test_pings_stop_while_the_loop_is_blocked_and_when_the_tick_dies(tmp_path: Path):
+async def test_pings_stop_while_the_loop_is_blocked_and_when_the_tick_dies(tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path / "notify")
     config = Config(port=0, state_dir=tmp_path / "state", heartbeat_interval=0.2)
     sup = Supervisor(config, notifier=Notifier(str(notify.path), watchdog_usec=200_000))
@@ -46,7 +46,7 @@ async def test_pings_stop_while_the_loop_is_blocked_and_when_the_tick_dies(tmp_p
         notify.close()
 
 
-async def test_pings_stop_when_the_hub_stops_watching_worker_connections(tmp_path: Path):
+async def test_pings_stop_when_the_hub_stops_watching_worker_connections(tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path / "notify")
     config = Config(port=0, state_dir=tmp_path / "state", heartbeat_interval=0.2)
     sup = Supervisor(config, notifier=Notifier(str(notify.path), watchdog_usec=200_000))
@@ -64,7 +64,7 @@ async def test_pings_stop_when_the_hub_stops_watching_worker_connections(tmp_pat
         notify.close()
 
 
-async def test_status_follows_the_actors_and_stopping_is_sent(tmp_path: Path):
+async def test_status_follows_the_actors_and_stopping_is_sent(tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path / "notify")
     config = Config(port=0, state_dir=tmp_path / "state", heartbeat_interval=0.1)
     sup = Supervisor(config, notifier=Notifier(str(notify.path)))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -56,7 +57,7 @@ class InProcessActor:
     sent: list[WorkerToSupervisor]
     session_log: SessionLog
 
-    async def call(self, name: str, *args: object) -> object:
+    async def call(self, name: str, *args: object) -> Any:
         return await self.actions.dispatch(name, list(args))
 
 

@@ -46,6 +46,13 @@ os.waitpid(pid, 0)
 """
 
 
+def payload(event: WorkerEvent) -> dict[str, Any]:
+    """A received event's payload, typed: a receiver that decodes (`decode_all`, as every
+    test does) always gets one; it is None only in the hub's undecoded `expand`."""
+    assert event.payload is not None
+    return event.payload
+
+
 @dataclass
 class WorkerHarness:
     tmp: Path

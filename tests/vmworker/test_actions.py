@@ -104,7 +104,7 @@ async def test_exec(actor: InProcessActor) -> None:
                               {"cwd": "/home/u", "env": {"X": "y"}})
     assert result == {"exitCode": 4, "stdout": "/home/u\ny\n", "stderr": "oops\n"}
     result = await actor.call("exec", "printf '\\377ok'")
-    assert result["stdout"] == "\ufffdok"  # type: ignore[index]
+    assert result["stdout"] == "\ufffdok"
     exc = await error(actor, "exec", "sleep 5", {"timeoutMs": 200})
     assert exc.code is ErrorCode.ACTION_TIMEOUT and "timed out after 0.2 s" in exc.message
 

@@ -32,6 +32,7 @@ from vmworker.sessions import SessionManager
 from vmworker.vmfs import normalize
 
 from .conftest import InProcessActor
+from .harness import payload
 from .test_sessions import ours
 
 
@@ -68,8 +69,8 @@ async def settle(actor: InProcessActor) -> None:
 
 
 def events(actor: InProcessActor, name: str, session_id: str) -> list[dict[str, Any]]:
-    return [m.payload for m in actor.sent if isinstance(m, WorkerEvent) and m.name == name
-            and m.payload.get("sessionId") == session_id]
+    return [payload(m) for m in actor.sent if isinstance(m, WorkerEvent) and m.name == name
+            and payload(m).get("sessionId") == session_id]
 
 
 def updates(actor: InProcessActor, session_id: str) -> list[dict[str, Any]]:
@@ -233,7 +234,7 @@ async def test_cancel_mid_stream_aborts_the_request_and_keeps_the_session(
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
     assert ours(await asyncio.wait_for(turn, 10)) == {"text": "Partial answer", "stopReason": "cancelled"}
     await fake.wait_outcome(0, "aborted")
-    assert (await actor.call("listSessions"))[0]["status"] == "idle"  # type: ignore[index]
+    assert (await actor.call("listSessions"))[0]["status"] == "idle"
 
     fake.script(Reply(Text("Fine.")))
     assert ours(await actor.call("sendPrompt", sid, "again")) == {"text": "Fine.", "stopReason": "end_turn"}
@@ -260,7 +261,7 @@ async def test_cancel_kills_the_running_tool_and_answers_its_call(
     await wait_until(actor, lambda: any(u.get("status") == "in_progress" for u in updates(actor, sid)))
     await wait_until(actor, sleeping)
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
-    assert (await asyncio.wait_for(turn, 10))["stopReason"] == "cancelled"  # type: ignore[index]
+    assert (await asyncio.wait_for(turn, 10))["stopReason"] == "cancelled"
     await settle(actor)
     await wait_until(actor, lambda: not sleeping())
     last = updates(actor, sid)[-1]
@@ -298,7 +299,7 @@ async def test_ask_policy_approve_reject_and_always(actor: InProcessActor, fake:
     assert [o["optionId"] for o in first["options"]] == ["once", "always", "reject"]
     second = await answer_next_permission(actor, sid, 1, "reject")
     assert second["toolCall"]["title"] == "bash: rm -rf /workspace"
-    assert (await asyncio.wait_for(turn, 10))["stopReason"] == "end_turn"  # type: ignore[index]
+    assert (await asyncio.wait_for(turn, 10))["stopReason"] == "end_turn"
     await settle(actor)
 
     assert (actor.vm.root / "workspace/a.txt").read_text() == "A"
@@ -318,7 +319,7 @@ async def test_ask_policy_approve_reject_and_always(actor: InProcessActor, fake:
                 Reply(Text("Both written.")))
     turn = asyncio.create_task(actor.call("sendPrompt", sid, "write c and d"))
     await answer_next_permission(actor, sid, 2, "always")
-    assert (await asyncio.wait_for(turn, 10))["text"] == "Both written."  # type: ignore[index]
+    assert (await asyncio.wait_for(turn, 10))["text"] == "Both written."
     assert len(events(actor, "permissionRequest", sid)) == 3
     assert (actor.vm.root / "workspace/d.txt").read_text() == "D"
 
@@ -329,7 +330,7 @@ async def test_unanswered_permission_times_out_as_a_refusal(
     sid = await claude_session(actor, fake, permissionPolicy="ask")
     fake.script(Reply(ToolUse("toolu_1", "bash", {"command": "touch /workspace/x"})),
                 Reply(Text("Nobody answered.")))
-    assert (await actor.call("sendPrompt", sid, "touch x"))["stopReason"] == "end_turn"  # type: ignore[index]
+    assert (await actor.call("sendPrompt", sid, "touch x"))["stopReason"] == "end_turn"
     await settle(actor)
     assert [p["reply"] for p in events(actor, "permissionResolved", sid)] == ["cancelled"]
     answer = fake.requests[1].messages[-1]["content"][0]
@@ -351,7 +352,7 @@ async def test_401_is_a_clear_error_without_retry_and_the_session_stays_usable(
     assert notice["sessionUpdate"] == "agent_message_chunk"
     assert notice["content"]["text"] == f"[error] {info.value.message}"
     assert notice["_meta"]["actorvisor"]["error"]["status"] == 401
-    assert (await actor.call("listSessions"))[0]["status"] == "idle"  # type: ignore[index]
+    assert (await actor.call("listSessions"))[0]["status"] == "idle"
 
     fake.api_key = "sk-test-not-the-right-one"  # the key becomes valid
     fake.script(Reply(Text("Hi!")))
@@ -398,7 +399,7 @@ async def test_error_mid_stream_and_max_tokens(actor: InProcessActor, fake: Fake
     fake.script(Reply(Text("Let me"), ToolUse("toolu_x", "bash", {"command": "true"}),
                       stop_reason="max_tokens"),
                 Reply(Text("ok")))
-    assert (await actor.call("sendPrompt", sid, "more"))["stopReason"] == "max_tokens"  # type: ignore[index]
+    assert (await actor.call("sendPrompt", sid, "more"))["stopReason"] == "max_tokens"
     await settle(actor)
     assert updates(actor, sid)[-1]["status"] == "failed"
     await actor.call("sendPrompt", sid, "go on")
@@ -414,7 +415,7 @@ async def test_tool_results_the_model_can_act_on(actor: InProcessActor, fake: Fa
     await actor.vm.write_file(normalize("/workspace/twice.txt"), b"ab ab")
     await actor.vm.write_file(normalize("/workspace/once.txt"), b"x = 1\n")
     sid = await claude_session(actor, fake)
-    calls = [
+    calls: list[tuple[str, dict[str, Any]]] = [
         ("edit_file", {"path": "once.txt", "old_string": "x = 1", "new_string": "x = 2"}),
         ("edit_file", {"path": "twice.txt", "old_string": "ab", "new_string": "cd"}),
         ("edit_file", {"path": "once.txt", "old_string": "nope", "new_string": "z"}),

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from vmworker.logs import REDACTED, JournalPrefixed, RedactSecrets, stderr_is_journal
 
 SECRET = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz"
 
 
-def test_fields_named_like_credentials_are_masked_at_any_depth():
+def test_fields_named_like_credentials_are_masked_at_any_depth() -> None:
     redact = RedactSecrets({})
     out = redact(None, "info", {
         "event": "session_created", "key": "my-agent", "input_tokens": 12,
@@ -25,7 +26,7 @@ def test_fields_named_like_credentials_are_masked_at_any_depth():
     assert out["password"] == ""
 
 
-def test_secret_values_from_the_environment_and_key_shapes_are_masked_anywhere():
+def test_secret_values_from_the_environment_and_key_shapes_are_masked_anywhere() -> None:
     redact = RedactSecrets({"ANTHROPIC_API_KEY": SECRET, "MY_TOKEN": "tok-12345678", "PATH": "/usr/bin"})
     out = redact(None, "error", {
         "event": "agent_failed", "error": f"401 for key {SECRET}",
@@ -37,14 +38,14 @@ def test_secret_values_from_the_environment_and_key_shapes_are_masked_anywhere()
     assert out["other"] == REDACTED and out["path"] == "/usr/bin"
 
 
-def test_journal_prefix_carries_the_syslog_priority():
+def test_journal_prefix_carries_the_syslog_priority() -> None:
     wrapped = JournalPrefixed(lambda logger, method, event: event["event"])
     assert wrapped(None, "info", {"event": "x", "level": "info"}) == "<6>x"
     assert wrapped(None, "warning", {"event": "x", "level": "warning"}) == "<4>x"
     assert wrapped(None, "error", {"event": "x", "level": "error"}) == "<3>x"
 
 
-def test_journal_stream_is_recognised_only_when_it_is_our_stderr():
+def test_journal_stream_is_recognised_only_when_it_is_our_stderr() -> None:
     st = os.fstat(sys.stderr.fileno())
     assert stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert not stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
@@ -62,7 +63,7 @@ for i in range(int(sys.argv[2])):
 """
 
 
-def test_processes_sharing_stderr_never_interleave_within_a_line(tmp_path):
+def test_processes_sharing_stderr_never_interleave_within_a_line(tmp_path: Path) -> None:
     # Supervisor, zygote and workers share one stderr (the journal stream). With
     # PYTHONUNBUFFERED a line written as message + "\n" in two writes can be split by
     # another process's line; each line must reach the stream in a single write.

@@ -15,6 +15,8 @@ from protocol.worker import Reply, WorkerEvent, WorkerEvents, decode, decode_all
 from vmworker.eventlog import EncodedEvent, EventLog, EventReader, SessionRow
 from vmworker.outbox import Outbox
 
+from .harness import payload
+
 
 class _SlowLog(EventLog):
     """A real log whose commits take a while (a slow disk), so batching is observable."""
@@ -29,6 +31,7 @@ class _SlowLog(EventLog):
 
 async def test_outbox_commits_before_send_in_order_and_groups_commits(tmp_path: Path) -> None:
     log = _SlowLog.open(tmp_path / "events.db")
+    assert isinstance(log, _SlowLog)
     log.batches = []
     reader = EventReader(log.path)
     sent: list[tuple[object, int]] = []
@@ -91,6 +94,7 @@ async def test_outbox_batches_events_into_frames_of_committed_bytes_keeping_queu
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("vmworker.outbox.FRAME_BYTES", 2000)
     log = _SlowLog.open(tmp_path / "events.db")
+    assert isinstance(log, _SlowLog)
     log.batches = []
     frames: list[bytes] = []
 
@@ -117,12 +121,12 @@ async def test_outbox_batches_events_into_frames_of_committed_bytes_keeping_queu
 
     batches = [decode(f) for f in frames]
     messages = [m for f in frames for m in decode_all(f)]
-    got = [("reply", m.id) if isinstance(m, Reply) else ("event", m.payload["i"])
+    got = [("reply", m.id) if isinstance(m, Reply) else ("event", payload(m)["i"])
            for m in messages if isinstance(m, (Reply, WorkerEvent))]
     assert got[1:] == expected  # the queue's order, every event once
     events = [m for m in messages if isinstance(m, WorkerEvent)]
     assert [e.seq for e in events] == list(range(1, 401))
-    assert all(e.name == ("f" if e.payload["i"] % 3 == 0 and e.seq > 1 else "e") for e in events)
+    assert all(e.name == ("f" if payload(e)["i"] % 3 == 0 and e.seq > 1 else "e") for e in events)
     # Many events per frame, no frame over the payload budget unless it is one event, and
     # the bytes on the wire are the very bytes committed (encoded once).
     runs = [b for b in batches if isinstance(b, WorkerEvents)]
@@ -141,6 +145,7 @@ async def test_outbox_sends_nothing_of_a_batch_whose_commit_failed(tmp_path: Pat
             super().write_encoded(events, sessions)
 
     log = _FailingLog.open(tmp_path / "events.db")
+    assert isinstance(log, _FailingLog)
     sent: list[object] = []
 
     async def send(frame: bytes) -> None:

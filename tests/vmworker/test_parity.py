@@ -30,7 +30,7 @@ async def test_create_session_and_history_shapes(actor: InProcessActor) -> None:
 
 
 async def test_destroy_deletes_events_and_keeps_a_marker(actor: InProcessActor) -> None:
-    sid = (await actor.call("createSession", "local"))["sessionId"]  # type: ignore[index]
+    sid = (await actor.call("createSession", "local"))["sessionId"]
     await actor.call("sendPrompt", sid, "chunks: 5")
     await actor.outbox.flush()
     before: Any = await actor.call("getSessionEvents", sid)
@@ -46,10 +46,10 @@ async def test_destroy_deletes_events_and_keeps_a_marker(actor: InProcessActor) 
 
 
 async def test_modes_and_config_options(actor: InProcessActor) -> None:
-    sid = (await actor.call("createSession", "local"))["sessionId"]  # type: ignore[index]
+    sid = (await actor.call("createSession", "local"))["sessionId"]
     await actor.call("setModel", sid, "claude-sonnet-4-6")
     await actor.call("setMode", sid, "plan")
-    assert (await actor.call("getModes", sid))["currentModeId"] == "plan"  # type: ignore[index]
+    assert (await actor.call("getModes", sid))["currentModeId"] == "plan"
     options: Any = await actor.call("getConfigOptions", sid)
     assert {o["id"]: o["currentValue"] for o in options}["model"] == "claude-sonnet-4-6"
     reply: Any = await actor.call("sendPrompt", sid, "run: touch /workspace/planned")
@@ -70,7 +70,7 @@ async def test_filesystem_batch_tree_move_delete(actor: InProcessActor) -> None:
     assert tree == [{"type": "file", "path": "/workspace/src/a.txt", "size": 1},
                     {"type": "directory", "path": "/workspace/src/b", "size": tree[1]["size"]},
                     {"type": "file", "path": "/workspace/src/b/c.txt", "size": 2}]
-    assert len(await actor.call("readdirRecursive", "/workspace/src", {"maxDepth": 1})) == 2  # type: ignore[arg-type]
+    assert len(await actor.call("readdirRecursive", "/workspace/src", {"maxDepth": 1})) == 2
     await actor.call("move", "/workspace/src/a.txt", "/workspace/src/b/a.txt")
     await actor.call("delete", "/workspace/src/b", {"recursive": True})
     assert await actor.call("readdir", "/workspace/src") == []

@@ -18,11 +18,12 @@ from vmworker.outbox import Outbox
 from vmworker.processes import ProcessLimits, ProcessTable
 
 from .conftest import InProcessActor
+from .harness import payload
 
 
 def events(actor: InProcessActor, name: str, **match: Any) -> list[dict[str, Any]]:
-    return [m.payload for m in actor.sent if isinstance(m, WorkerEvent) and m.name == name
-            and all(m.payload.get(k) == v for k, v in match.items())]
+    return [payload(m) for m in actor.sent if isinstance(m, WorkerEvent) and m.name == name
+            and all(payload(m).get(k) == v for k, v in match.items())]
 
 
 async def exited(actor: InProcessActor, name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:

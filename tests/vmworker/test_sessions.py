@@ -13,12 +13,13 @@ from vmworker.agents.base import Agent, StopReason, ToolKind, Turn, tool_call
 from vmworker.agents.local import word_groups
 
 from .conftest import InProcessActor
+from .harness import payload
 
 
 def updates(actor: InProcessActor, session_id: str) -> list[dict[str, Any]]:
-    return [m.payload["event"]["params"]["update"] for m in actor.sent
+    return [payload(m)["event"]["params"]["update"] for m in actor.sent
             if isinstance(m, WorkerEvent) and m.name == "sessionEvent"
-            and m.payload["sessionId"] == session_id]
+            and payload(m)["sessionId"] == session_id]
 
 
 async def new_session(actor: InProcessActor, **options: Any) -> str:
@@ -100,7 +101,7 @@ async def test_events_are_sent_in_seq_order_before_the_reply(actor: InProcessAct
     seqs = [m.seq for m in actor.sent if isinstance(m, WorkerEvent)]
     assert seqs == sorted(seqs) == list(range(seqs[0], seqs[0] + len(seqs)))
     assert isinstance(actor.sent[-1], Reply)
-    assert result["text"] == "".join(f"chunk {i} of 300\n" for i in range(1, 301))  # type: ignore[index]
+    assert result["text"] == "".join(f"chunk {i} of 300\n" for i in range(1, 301))
 
 
 async def test_one_turn_per_session_and_cancel(actor: InProcessActor) -> None:
@@ -116,7 +117,7 @@ async def test_one_turn_per_session_and_cancel(actor: InProcessActor) -> None:
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
     assert ours(await asyncio.wait_for(turn, 5)) == {"text": "You said: hello\n", "stopReason": "cancelled"}
     assert await actor.call("cancelPrompt", sid) == {"cancelled": False}
-    assert (await actor.call("sendPrompt", sid, "after"))["stopReason"] == "end_turn"  # type: ignore[index]
+    assert (await actor.call("sendPrompt", sid, "after"))["stopReason"] == "end_turn"
 
 
 async def test_close_session(actor: InProcessActor) -> None:
@@ -126,7 +127,7 @@ async def test_close_session(actor: InProcessActor) -> None:
         with pytest.raises(ActorvisorError) as info:
             await actor.call(*call)
         assert info.value.code is ErrorCode.SESSION_NOT_FOUND
-    assert (await actor.call("listSessions"))[0]["status"] == "closed"  # type: ignore[index]
+    assert (await actor.call("listSessions"))[0]["status"] == "closed"
     # Its history stays readable.
     assert await actor.call("getSessionEvents", sid) == []
 
@@ -137,7 +138,7 @@ async def test_get_session_events_pages_match_what_was_sent(actor: InProcessActo
     await actor.call("sendPrompt", sid, "chunks: 25")
     await actor.call("sendPrompt", other, "noise")
     await settle(actor)
-    sent = [m for m in actor.sent if isinstance(m, WorkerEvent) and m.payload.get("sessionId") == sid]
+    sent = [m for m in actor.sent if isinstance(m, WorkerEvent) and payload(m).get("sessionId") == sid]
     collected: list[dict[str, Any]] = []
     cursor = 0
     while True:
@@ -148,7 +149,7 @@ async def test_get_session_events_pages_match_what_was_sent(actor: InProcessActo
         collected += page
         cursor = page[-1]["seq"]
     assert [e["seq"] for e in collected] == [m.seq for m in sent]
-    assert [e["event"] for e in collected] == [m.payload["event"] for m in sent]
+    assert [e["event"] for e in collected] == [payload(m)["event"] for m in sent]
     assert all(e["sessionId"] == sid and isinstance(e["createdAt"], int) for e in collected)
 
     replay = await actor.call("replayEvents", {"names": ["vmBooted", "sessionEvent"], "limit": 3})
@@ -183,7 +184,7 @@ async def test_permission_plumbing(actor: InProcessActor) -> None:
             break
         await asyncio.sleep(0.02)
         await settle(actor)
-    request = requests[0].payload
+    request = payload(requests[0])
     assert request["sessionId"] == sid
     permission_id = request["request"]["permissionId"]
     assert [o["optionId"] for o in request["request"]["options"]] == ["once", "always", "reject"]
@@ -231,7 +232,7 @@ async def test_cancelling_a_turn_resolves_its_pending_permission_as_cancelled(
     assert await actor.call("cancelPrompt", sid) == {"cancelled": True}
     assert ours(await asyncio.wait_for(turn, 5)) == {"text": "", "stopReason": "cancelled"}
     await settle(actor)
-    resolved = [m.payload for m in actor.sent
+    resolved = [payload(m) for m in actor.sent
                 if isinstance(m, WorkerEvent) and m.name == "permissionResolved"]
     assert resolved == [{"sessionId": sid, "permissionId": permission_id, "reply": "cancelled",
                          "seq": resolved[0]["seq"], "epoch": actor.log.epoch}]

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +22,7 @@ def fs(tmp_path: Path) -> VmFs:
     return VmFs(root)
 
 
-def code_of(fn, *args, **kwargs) -> ErrorCode:  # type: ignore[no-untyped-def]
+def code_of(fn: Callable[..., object], *args: Any, **kwargs: Any) -> ErrorCode:
     with pytest.raises(ActorvisorError) as info:
         fn(*args, **kwargs)
     return info.value.code

@@ -15,10 +15,10 @@ import psutil
 
 from protocol.errors import ErrorCode
 from protocol.worker import Action, ExitCode, Hello, Phase, Reply, Shutdown, Sleep, WorkerEvent
-from tests.support import LONG_SLEEP, leftover_sleeps
+from tests.support import LONG_SLEEP, descendants, leftover_sleeps
 from vmworker import actorlock
 
-from .harness import WorkerHarness, descendants
+from .harness import WorkerHarness, payload
 from .test_sessions import ours
 
 
@@ -42,7 +42,7 @@ async def test_hello_comes_before_boot_and_health_is_answered_mid_boot(harness: 
     session = asyncio.create_task(harness.call("createSession", "local"))
 
     booted = await harness.wait_event("vmBooted")
-    assert booted.seq == 1 and booted.payload["bootMs"] >= 2000
+    assert booted.seq == 1 and payload(booted)["bootMs"] >= 2000
     assert booted.epoch == hello.epoch
     await session
     kinds = [type(m).__name__ if not isinstance(m, Phase) else f"phase:{m.phase}"
@@ -50,7 +50,7 @@ async def test_hello_comes_before_boot_and_health_is_answered_mid_boot(harness: 
     assert kinds[:2] == ["Hello", "phase:booting"]
     assert kinds.index("WorkerEvent") < kinds.index("phase:ready")
     ready = next(m for m in harness.received if isinstance(m, Phase) and m.phase == "ready")
-    assert ready.detail == {"bootMs": booted.payload["bootMs"]}
+    assert ready.detail == {"bootMs": payload(booted)["bootMs"]}
 
 
 async def test_prompt_events_are_committed_ordered_before_reply_and_match_history(
@@ -70,14 +70,14 @@ async def test_prompt_events_are_committed_ordered_before_reply_and_match_histor
     seqs = [m.seq for m in turn_events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert harness.uncommitted == []
-    assert turn_events[0].payload["event"]["params"]["update"]["sessionUpdate"] == "user_message_chunk"
+    assert payload(turn_events[0])["event"]["params"]["update"]["sessionUpdate"] == "user_message_chunk"
 
     history = await harness.call("getSessionEvents", session_id)
     assert isinstance(history, list) and history[-1]["seq"] == seqs[-1]
     assert [(e["seq"], e["event"]) for e in history] == [
-        (m.seq, m.payload["event"]) for m in turn_events]
+        (m.seq, payload(m)["event"]) for m in turn_events]
     assert all(m.payload == {"sessionId": session_id, "seq": m.seq, "epoch": m.epoch,
-                             "event": m.payload["event"]} for m in turn_events)
+                             "event": payload(m)["event"]} for m in turn_events)
 
 
 async def test_sleep_flushes_vm_shutdown_and_exits_0_leaving_no_process(harness: WorkerHarness) -> None:
@@ -117,14 +117,14 @@ async def test_shutdown_means_destroy_and_sigterm_means_sleep(harness: WorkerHar
     await harness.wait_event("vmBooted")
     await harness.send(Shutdown())
     assert await harness.wait_exit() == 0
-    assert (await harness.wait_event("vmShutdown")).payload["reason"] == "destroy"
+    assert payload(await harness.wait_event("vmShutdown"))["reason"] == "destroy"
 
     await harness.start()
     await harness.wait_event("vmBooted")
     assert harness.proc is not None
     harness.proc.send_signal(signal.SIGTERM)
     assert await harness.wait_exit() == 0
-    assert (await harness.wait_event("vmShutdown")).payload["reason"] == "sleep"
+    assert payload(await harness.wait_event("vmShutdown"))["reason"] == "sleep"
 
 
 async def test_restart_keeps_epoch_seq_and_sessions(harness: WorkerHarness) -> None:
@@ -226,7 +226,7 @@ async def test_kill_9_mid_flood_loses_nothing_that_was_sent_and_reuses_no_seq(
     session_id = (await harness.call("createSession", "local"))["sessionId"]
     await harness.send(Action(99, "sendPrompt", [session_id, "chunks: 20000"]))
     # Batched frames are arriving: kill the worker while commits and sends are in flight.
-    await harness.wait_for(lambda m: isinstance(m, WorkerEvent) and m.payload.get("event", {})
+    await harness.wait_for(lambda m: isinstance(m, WorkerEvent) and payload(m).get("event", {})
                            .get("params", {}).get("update", {}).get("content", {})
                            .get("text") == "chunk 3000 of 20000\n", timeout=60)
     assert harness.proc is not None
