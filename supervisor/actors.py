@@ -38,7 +38,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
-import psutil
 import structlog
 
 from protocol import worker as wire
@@ -47,7 +46,7 @@ from protocol.names import ACTOR_KINDS, ActionName, ShutdownReason, WorkerPhase
 from vmworker import vmroot
 from vmworker.eventlog import append_for_dead_worker, log_path
 
-from . import metrics
+from . import liveness, metrics
 from .config import Config
 from .cron import CronScheduler
 from .relay import ActorRelay
@@ -135,6 +134,9 @@ class Actor:
     # When the hub reported the worker's connection dropped (no answer to libzmq's pings
     # for the hang timeout) and no new one since: a suspicion that `tick` settles.
     link_lost_at: float | None = None
+    # While a suspect (no hello yet, or its link lost): since when, and from what run time
+    # of its threads, a whole window without running would make it hung (`_hung`).
+    progress: tuple[float, int] | None = None
     stop_reason: ShutdownReason | None = None
     kill_reason: ShutdownReason | None = None
     exit_task: asyncio.Task[None] | None = None
@@ -190,9 +192,11 @@ class Actor:
 class ActorManager:
     def __init__(self, config: Config, spawner: Spawner, endpoint: str,
                  send: Callable[[str, wire.SupervisorToWorker], bool],
-                 input_pending: Callable[[], bool] = lambda: False) -> None:
+                 input_pending: Callable[[], bool] = lambda: False,
+                 probe: Callable[[int], liveness.Probe | None] = liveness.probe) -> None:
         self._config = config
         self._input_pending = input_pending
+        self._probe = probe
         self._spawner = spawner
         self._endpoint = endpoint
         self._send = send
@@ -390,6 +394,7 @@ class ActorManager:
         actor.kill_reason = None
         actor.started_at = time.monotonic()
         actor.link_lost_at = None
+        actor.progress = (actor.started_at, 0)  # a new process has run for 0 ns
         log.info("worker_spawned", actor=actor.id, pid=proc.pid, generation=actor.generation)
         actor.exit_task = asyncio.create_task(self._watch(actor, proc), name=f"watch-{actor.id}")
         self._own(actor.exit_task)
@@ -524,6 +529,8 @@ class ActorManager:
             actor.link_lost_at = None
         elif actor.state is not ActorState.STOPPING:
             actor.link_lost_at = time.monotonic()
+            seen = self._probe(pid)
+            actor.progress = (actor.link_lost_at, seen.ran_ns if seen is not None else 0)
             log.warning("worker_link_lost", actor=actor.id, pid=pid)
 
     def _on_hello(self, actor: Actor, hello: wire.Hello) -> None:
@@ -553,16 +560,10 @@ class ActorManager:
             if proc is None or actor.state is ActorState.STOPPING:
                 actor.idle_since = None
                 continue
-            if actor.hello:
-                if judge_silence and actor.link_lost_at is not None and self._hung(actor.link_lost_at, proc.pid, now):
-                    log.error("worker_hung", actor=actor.id, pid=proc.pid,
-                              link_lost_s=round(now - actor.link_lost_at, 1))
-                    actor.kill_reason = ShutdownReason.HANG
-                    proc.signal_group(signal.SIGKILL)
-                    continue
-            elif (judge_silence and actor.started_at is not None
-                  and now - actor.started_at > self._config.hello_timeout):
-                log.error("worker_silent_at_start", actor=actor.id, pid=proc.pid)
+            since = actor.link_lost_at if actor.hello else actor.started_at
+            if judge_silence and since is not None and self._hung(actor, proc.pid, since, now):
+                log.error("worker_hung" if actor.hello else "worker_silent_at_start",
+                          actor=actor.id, pid=proc.pid, suspect_s=round(now - since, 1))
                 actor.kill_reason = ShutdownReason.HANG
                 proc.signal_group(signal.SIGKILL)
                 continue
@@ -575,16 +576,32 @@ class ActorManager:
                 actor.idle_since = None
                 self.stop(actor, ShutdownReason.SLEEP)
 
-    def _hung(self, link_lost_at: float, pid: int, now: float) -> bool:
-        """Is a worker whose connection dropped hung? Yes if the process is stopped (the
-        kernel says so), or if it has not reconnected within a hang timeout of the drop (a
-        running worker's libzmq reconnects within a fraction of a second)."""
-        if now - link_lost_at > self._config.hang_timeout:
-            return True
-        try:
-            return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
-        except psutil.Error:
+    def _hung(self, actor: Actor, pid: int, since: float, now: float) -> bool:
+        """Is a suspect hung — a worker silent since its start, or whose connection dropped
+        at `since`? Yes if the kernel says it is stopped (SIGSTOP, a debugger), or if a
+        whole window (`hello_timeout`, or the hang timeout after a drop) passed in which
+        none of its threads ran. One that ran is late, not hung (a machine starved by a
+        boot storm makes healthy workers later than any timeout): it gets another window,
+        up to MAX_SUSPECT_WINDOWS from `since`, after which a process that runs but still
+        cannot say hello or reconnect is replaced (docs/delivery.md, "Liveness")."""
+        window = self._config.hang_timeout if actor.hello else self._config.hello_timeout
+        mark_at, mark_ran = actor.progress or (since, 0)
+        overdue = now - mark_at > window
+        if not overdue and not actor.hello:
+            return False  # a start is not probed before its window is out
+        seen = self._probe(pid)
+        if seen is None:
             return False  # gone: its exit is being reaped
+        if seen.stopped:
+            return True
+        if not overdue:
+            return False
+        if seen.ran_ns > mark_ran and now - since < liveness.MAX_SUSPECT_WINDOWS * window:
+            log.warning("worker_late", actor=actor.id, pid=pid, suspect_s=round(now - since, 1),
+                        ran_ms=round((seen.ran_ns - mark_ran) / 1e6, 1))
+            actor.progress = (now, seen.ran_ns)
+            return False
+        return True
 
     def reset(self, actor: Actor) -> None:
         """Clear a failed actor's crash history; its next action starts it again."""

@@ -21,6 +21,7 @@ from protocol.names import ShutdownReason, WorkerPhase
 from supervisor.actors import TRANSITIONS, Actor, ActorManager, ActorState, IllegalTransition
 from supervisor.config import Config
 from supervisor.connections import Connection
+from supervisor.liveness import MAX_SUSPECT_WINDOWS, Probe
 from supervisor.spawner import WorkerProcess, WorkerSpec
 from tests.support import eventually
 from vmworker.eventlog import log_path, read_events
@@ -64,12 +65,28 @@ class FakeSpawner:
         return None
 
 
+class FakeKernel:
+    """What `supervisor.liveness.probe` would say of each fake worker: set by the test."""
+
+    def __init__(self) -> None:
+        self.ran_ns: dict[int, int] = {}
+        self.stopped: set[int] = set()
+
+    def run(self, worker: FakeWorker) -> None:
+        self.ran_ns[worker.pid] = self.ran_ns.get(worker.pid, 0) + 1_000_000
+
+    def probe(self, pid: int) -> Probe | None:
+        return Probe(pid in self.stopped, self.ran_ns.get(pid, 0))
+
+
 class Harness:
     def __init__(self, tmp_path: Path, **config: Any) -> None:
         self.spawner = FakeSpawner()
+        self.kernel = FakeKernel()
         self.sent: list[tuple[str, wire.SupervisorToWorker]] = []
         self.config = Config(state_dir=tmp_path, **config)
-        self.manager = ActorManager(self.config, self.spawner, "ipc://fake", self.send)
+        self.manager = ActorManager(self.config, self.spawner, "ipc://fake", self.send,
+                                    probe=self.kernel.probe)
 
     def send(self, actor_id: str, msg: wire.SupervisorToWorker) -> bool:
         self.sent.append((actor_id, msg))
@@ -296,4 +313,69 @@ async def test_http_and_websocket_actions_wait_for_a_reply_under_one_timeout(tmp
         assert reply.message == "exec got no reply within 0.2s"
     finally:
         await conn.aclose()
+        await h.manager.stop_all(1.0)
+
+
+WINDOW = 0.2  # hello_timeout and hang timeout of the liveness tests: time is slept past it
+
+
+async def test_a_late_start_that_runs_is_waited_for_and_one_that_stopped_running_is_killed(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path, hello_timeout=WINDOW)
+    try:
+        actor = h.manager.get_or_create("vm", "late")
+        h.manager.ensure_running(actor)
+        worker = await h.spawned(1)
+        for _ in range(2):  # a starved machine: no hello, but the process runs
+            h.kernel.run(worker)
+            await asyncio.sleep(1.5 * WINDOW)
+            h.manager.tick()
+            assert worker.signals == [], "a worker that ran was called hung"
+        await asyncio.sleep(1.5 * WINDOW)  # a whole window in which it did not run at all
+        h.manager.tick()
+        assert worker.signals == [signal.SIGKILL] and actor.kill_reason is ShutdownReason.HANG
+    finally:
+        await h.manager.stop_all(1.0)
+
+
+async def test_a_start_that_runs_but_never_says_hello_is_replaced_after_the_last_window(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path, hello_timeout=WINDOW)
+    try:
+        actor = h.manager.get_or_create("vm", "spinning")
+        h.manager.ensure_running(actor)
+        worker = await h.spawned(1)
+        started = asyncio.get_running_loop().time()
+        while not worker.signals:
+            h.kernel.run(worker)
+            await asyncio.sleep(WINDOW / 2)
+            h.manager.tick()
+        suspect_for = asyncio.get_running_loop().time() - started
+        assert suspect_for >= MAX_SUSPECT_WINDOWS * WINDOW, suspect_for
+    finally:
+        await h.manager.stop_all(1.0)
+
+
+async def test_a_dropped_link_is_a_suspicion_settled_by_the_kernel(harness: Harness) -> None:
+    h = Harness(harness.config.state_dir, hang_timeout=WINDOW)
+    try:
+        actor = h.manager.get_or_create("vm", "dropped")
+        worker = await h.start(actor)
+        h.manager.on_worker_link(worker.pid, up=False)
+        h.kernel.run(worker)  # its libzmq retries the connection: it runs
+        await asyncio.sleep(2 * WINDOW)
+        h.manager.tick()
+        assert worker.signals == []
+        h.kernel.stopped.add(worker.pid)  # SIGSTOP: hung at once, no window to wait
+        h.manager.tick()
+        assert worker.signals == [signal.SIGKILL]
+        # A stopped worker whose link came back is not a suspect any more.
+        other = await h.start(h.manager.get_or_create("vm", "back"))
+        h.kernel.stopped.add(other.pid)
+        h.manager.on_worker_link(other.pid, up=False)
+        h.manager.on_worker_link(other.pid, up=True)
+        await asyncio.sleep(2 * WINDOW)
+        h.manager.tick()
+        assert other.signals == []
+    finally:
         await h.manager.stop_all(1.0)
