@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -34,6 +35,7 @@ from bench.conn_setup import measure, pct  # noqa: E402
 from protocol.aio import Client  # noqa: E402
 from tests.support import SupervisorProc, free_port  # noqa: E402
 
+BOOT_BATCH = 20  # idle actors started at once, each batch booted before the next
 # A capacity benchmark is one client creating actors as fast as it can: the service's
 # per-client creation rate and running-actor cap (the perimeter's defaults) are lifted.
 UNCAPPED = ["--max-running-actors", "100000", "--max-creations-per-minute", "1000000"]
@@ -111,6 +113,28 @@ def mean_uss(sup: SupervisorProc) -> float:
     return statistics.mean(uss) if uss else 0.0
 
 
+def cpu_per_second(sup: SupervisorProc, seconds: float) -> tuple[float, float]:
+    """CPU time (ms per second) of the supervisor and of all its workers together, over a
+    window in which nothing is asked of them: what an idle population costs."""
+    assert sup.proc is not None
+    root = psutil.Process(sup.proc.pid)
+
+    def sample() -> dict[int, float]:
+        out = {}
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                out[proc.pid] = times.user + times.system
+        return out
+
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    spent = {pid: after[pid] - before[pid] for pid in after.keys() & before.keys()}
+    own = spent.pop(root.pid, 0.0)
+    return own / seconds * 1000, sum(spent.values()) / seconds * 1000
+
+
 async def start_idle(client: Client, key: str, lost: list[str]) -> None:
     """Start an actor; an answer that never comes is counted and the action sent again."""
     for _ in range(3):
@@ -135,16 +159,21 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
         async with Client(sup.url) as client:
             for level in levels:
                 while running < level:
+                    # Twenty at a time, each batch booted before the next starts: an idle
+                    # population is what is measured here, not a boot storm (hundreds of
+                    # VMs booting at once on two cores; see BENCHMARKS.md).
                     batch = [start_idle(client, f"idle-{i}", lost)
-                             for i in range(running, min(level, running + 20))]
+                             for i in range(running, min(level, running + BOOT_BATCH))]
                     await asyncio.gather(*batch)
                     running += len(batch)
-                await wait_all_booted(sup, level + 1)
+                    await wait_all_booted(sup, running + 1)
                 await asyncio.sleep(1.0)
+                idle_cpu = await asyncio.to_thread(cpu_per_second, sup, 10.0)
                 lat = await measure(sup.url, ["probe"], 400, 10)
                 avail = psutil.virtual_memory().available / 2**30
                 rows.append((level, lat, avail, mean_uss(sup), worker_exits(sup)))
-                print(f"  {level} idle actors: Init p99 {pct(lat, .99):.2f} ms, "
+                print(f"  {level} idle actors: supervisor {idle_cpu[0]:.1f} ms CPU/s, all workers "
+                      f"{idle_cpu[1]:.1f} ms CPU/s while idle; Init p99 {pct(lat, .99):.2f} ms, "
                       f"{len(rows[-1][4])} worker exits, {len(lost)} unanswered actions so far",
                       flush=True)
     finally:

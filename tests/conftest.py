@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import SupervisorProc, free_port
+from tests.support import MakeSupervisor, SupervisorProc, free_port
 from vmworker import vmroot
 
 
@@ -35,7 +35,7 @@ def tmp_state() -> Iterator[Path]:
 
 
 @pytest.fixture
-def make_supervisor(tmp_state: Path) -> Iterator[Callable[..., SupervisorProc]]:
+def make_supervisor(tmp_state: Path) -> Iterator[MakeSupervisor]:
     started: list[SupervisorProc] = []
 
     def make(*args: str, env: dict[str, str] | None = None, start: bool = True) -> SupervisorProc:
@@ -56,5 +56,5 @@ def make_supervisor(tmp_state: Path) -> Iterator[Callable[..., SupervisorProc]]:
 
 
 @pytest.fixture
-def supervisor(make_supervisor: Callable[..., SupervisorProc]) -> SupervisorProc:
+def supervisor(make_supervisor: MakeSupervisor) -> SupervisorProc:
     return make_supervisor()

@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -222,3 +222,11 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout} s")
         await asyncio.sleep(interval)
+
+
+class MakeSupervisor(Protocol):
+    """The `make_supervisor` fixture (tests/conftest.py): a supervisor in this test's
+    state dir, started unless `start=False`, stopped when the test ends."""
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None,
+                 start: bool = True) -> SupervisorProc: ...

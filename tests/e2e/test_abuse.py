@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from tests.support import ROOT, SupervisorProc
+from tests.support import ROOT, MakeSupervisor, SupervisorProc
 
 LOAD = ROOT / "tests" / "e2e" / "abuse_load.py"
 
@@ -67,7 +66,7 @@ async def _flood(sup: SupervisorProc) -> tuple[list[float], dict[str, int], dict
     return latencies, json.loads(out[0]), json.loads(out[1]), refused
 
 
-def test_connection_flood_over_the_cap(make_supervisor: Callable[..., SupervisorProc]) -> None:
+def test_connection_flood_over_the_cap(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--max-connections", "5000", "--max-connections-per-address", "10000",
                           "--header-timeout", "120", "--idle-timeout", "120")
     latencies, opened, result, refused = asyncio.run(_flood(sup))
@@ -84,7 +83,7 @@ def test_connection_flood_over_the_cap(make_supervisor: Callable[..., Supervisor
     assert sum(log_events(sup).values()) < 50, log_events(sup).most_common(5)
 
 
-def test_slowloris_closed_within_header_timeout(make_supervisor: Callable[..., SupervisorProc]) -> None:
+def test_slowloris_closed_within_header_timeout(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--header-timeout", "2", "--max-connections-per-address", "5000")
     proc = load(sup.port, 1000, "partial", 20.0)
     try:
@@ -108,7 +107,7 @@ async def _creations(url: str, count: int) -> list[tuple[int, dict[str, str]]]:
         return [await one(i) for i in range(count)]
 
 
-def test_actor_creations_past_the_cap_are_overloaded(make_supervisor: Callable[..., SupervisorProc]) -> None:
+def test_actor_creations_past_the_cap_are_overloaded(make_supervisor: MakeSupervisor) -> None:
     # Scaled down from 400-vs-300 (each worker is a VM; the test machine is shared).
     sup = make_supervisor("--max-running-actors", "4")
     results = asyncio.run(_creations(sup.url, 7))
@@ -127,7 +126,7 @@ async def _register(url: str, count: int, prefix: str) -> list[tuple[int, dict[s
         return [await one(i) for i in range(count)]
 
 
-def test_actor_creations_per_client_per_minute(make_supervisor: Callable[..., SupervisorProc]) -> None:
+def test_actor_creations_per_client_per_minute(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--max-creations-per-minute", "300")
     results = asyncio.run(_register(sup.url, 400, "rate"))
     ok = [body for status, body in results if status == 200]

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
 from typing import Any
 
 from tests.e2e.test_npm_client import NPM_DIR, node_command, node_env, parse_results
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
-from tests.support import SupervisorProc
+from tests.support import MakeSupervisor
 
 
 def tool_then_done(call_id: str) -> tuple[Reply, Reply]:
@@ -37,7 +36,7 @@ async def run_examples(url: str, api_key: str) -> dict[str, Any]:
     return examples
 
 
-async def test_agentos_documentation_examples(make_supervisor: Callable[..., SupervisorProc]) -> None:
+async def test_agentos_documentation_examples(make_supervisor: MakeSupervisor) -> None:
     fake = await FakeAnthropic(f"sk-test-{secrets.token_hex(12)}").start()
     try:
         fake.script(*tool_then_done("toolu_always"), *tool_then_done("toolu_once"))

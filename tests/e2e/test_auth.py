@@ -7,7 +7,6 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from supervisor.auth import new_token
 from tests.e2e.test_npm_client import ENCODINGS, NPM_DIR, kill_group, node_command, node_env, parse_results
-from tests.support import SupervisorProc
+from tests.support import MakeSupervisor, SupervisorProc
 
 ADMIN, ADMIN_HASH = new_token()
 CLIENT = "client-token-plain"
@@ -50,7 +49,7 @@ def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
 
 
 @pytest.fixture
-def guarded(make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> SupervisorProc:
+def guarded(make_supervisor: MakeSupervisor, tmp_state: Path) -> SupervisorProc:
     config = tmp_state / "auth.toml"
     config.write_text(f'''
 [[tokens]]
@@ -101,7 +100,7 @@ def test_roles_and_prefixes(guarded: SupervisorProc) -> None:
     assert own["http"]["ok"] and own["connected"]["ok"], own
 
 
-def test_public_metrics(make_supervisor: Callable[..., SupervisorProc]) -> None:
+def test_public_metrics(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--metrics-public", env={"ACTORVISOR_AUTH_TOKEN": "t0ken-env"})
     assert http(f"{sup.url}/metrics")[0] == 200
     assert http(f"{sup.url}/admin/workers")[0] == 403

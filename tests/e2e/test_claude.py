@@ -10,7 +10,7 @@ import secrets
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 from protocol.aio import Client, Connection
 from protocol.errors import ActorvisorError, ErrorCode
 from tests.fakes.anthropic_api import FakeAnthropic, Reply, Text, ToolUse
-from tests.support import ROOT, SupervisorProc, eventually, file_contains
+from tests.support import ROOT, MakeSupervisor, SupervisorProc, eventually, file_contains
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ async def replay_all(conn: Connection) -> list[dict[str, Any]]:
             return events
 
 
-async def test_conversation_survives_a_killed_worker(make_supervisor: Callable[..., SupervisorProc],
+async def test_conversation_survives_a_killed_worker(make_supervisor: MakeSupervisor,
                                                      fake: FakeAnthropic) -> None:
     sup = make_supervisor(env=api_env(fake))
     async with Client(sup.url) as client:
@@ -79,7 +79,7 @@ async def test_conversation_survives_a_killed_worker(make_supervisor: Callable[.
         await conn.close()
 
 
-async def test_no_api_key_in_any_log_event_or_file(make_supervisor: Callable[..., SupervisorProc],
+async def test_no_api_key_in_any_log_event_or_file(make_supervisor: MakeSupervisor,
                                                    fake: FakeAnthropic) -> None:
     env_key = fake.api_key
     session_key = f"sk-test-{secrets.token_hex(12)}"
@@ -142,7 +142,7 @@ async def run_demo(sup: SupervisorProc, env: dict[str, str]) -> tuple[int, str]:
 
 
 async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(
-        make_supervisor: Callable[..., SupervisorProc], fake: FakeAnthropic) -> None:
+        make_supervisor: MakeSupervisor, fake: FakeAnthropic) -> None:
     # The agent runs in the service, so the key that matters is the service's: the demo
     # client needs none of its own.
     plain = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
@@ -162,7 +162,7 @@ async def test_demo_uses_the_service_key_and_says_what_to_set_without_one(
 
 @pytest.mark.parametrize("policy", ["ask", "allow_all"])
 async def test_the_service_permission_policy_reaches_the_worker(
-        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path, fake: FakeAnthropic,
+        make_supervisor: MakeSupervisor, tmp_state: Path, fake: FakeAnthropic,
         policy: str) -> None:
     """A session that names no policy gets the service's: by default it asks before the
     tool runs (and a rejection keeps it from running); with `allow_all` it just runs."""

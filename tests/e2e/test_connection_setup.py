@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import aiohttp
 
 from protocol.client import Encoding, Init, decode_to_client
-from tests.support import SupervisorProc
+from tests.support import MakeSupervisor
 
 
 async def open_and_wait_init(session: aiohttp.ClientSession, url: str, key: str,
@@ -27,7 +26,7 @@ async def open_and_wait_init(session: aiohttp.ClientSession, url: str, key: str,
 
 
 async def test_init_is_immediate_while_cold_actors_boot(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--boot-delay", "8")
     encodings = [Encoding.JSON, Encoding.CBOR, Encoding.BARE]
     async with aiohttp.ClientSession() as session:

@@ -12,7 +12,7 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from protocol.aio import Client
 from protocol.errors import ActorvisorError
 from supervisor.actors import actor_id_for
 from tests.e2e.test_npm_client import conversation
-from tests.support import SupervisorProc, eventually
+from tests.support import MakeSupervisor, SupervisorProc, eventually
 from vmworker.actorlock import LOCK_NAME
 
 ROUNDS = 5
@@ -196,7 +196,7 @@ class Holders:
 
 
 async def test_supervisor_kill_9_and_quick_restart_during_bursts(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup: SupervisorProc = make_supervisor()
     key = "supervisor-kill-9"
     actor_dir = sup.state_dir / "actors" / actor_id_for("vm", key)

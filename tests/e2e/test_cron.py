@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
-from tests.support import SupervisorProc, eventually
+from tests.support import MakeSupervisor, eventually
 
 # Idle actors sleep within a few tenths of a second, so a job every second finds its
 # actor asleep and the supervisor has to wake it.
@@ -45,7 +44,7 @@ def fires_with_sleep_between(events: list[tuple[str, dict[str, Any]]], job: str)
 
 
 async def test_cron_job_wakes_the_sleeping_actor_each_second_until_cancelled(
-        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> None:
+        make_supervisor: MakeSupervisor, tmp_state: Path) -> None:
     sup = make_supervisor("--config", fast_config(tmp_state))
     key = "cron-every-second"
     async with Client(sup.url) as client:
@@ -89,7 +88,7 @@ async def test_cron_job_wakes_the_sleeping_actor_each_second_until_cancelled(
 
 
 async def test_cron_job_survives_a_restart_and_a_session_job_prompts(
-        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> None:
+        make_supervisor: MakeSupervisor, tmp_state: Path) -> None:
     sup = make_supervisor("--cron-min-interval", "2")
     key = "cron-restart"
     async with Client(sup.url) as client:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
 
 import aiohttp
 
-from tests.support import SupervisorProc
+from tests.support import MakeSupervisor
 
 GATEWAY = "/gateway/vm/{path}?rvt-namespace=default&rvt-method=getOrCreate&rvt-key=drain"
 
 
 async def test_an_upgrade_during_the_drain_is_closed_with_going_away(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--stop-timeout", "30")
     assert sup.proc is not None
     async with aiohttp.ClientSession() as session:

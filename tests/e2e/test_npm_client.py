@@ -22,14 +22,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import ROOT, SupervisorProc
+from tests.support import ROOT, MakeSupervisor, SupervisorProc
 
 NPM_DIR = ROOT / "tests" / "e2e" / "npm"
 RIVETKIT = ROOT / "tests" / "node_modules" / "rivetkit" / "package.json"
@@ -295,7 +295,7 @@ def test_errors_reach_the_client_as_actor_errors(supervisor: SupervisorProc, enc
 # ---- graceful restart ----------------------------------------------------------------
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_graceful_restart_connection_reconnects(make_supervisor: Callable[..., SupervisorProc],
+def test_graceful_restart_connection_reconnects(make_supervisor: MakeSupervisor,
                                                 tmp_state: Path, encoding: str) -> None:
     """A restart as systemd does it with deploy/actorvisor.socket: the listening socket
     outlives the supervisor, so the client's reconnect waits in its backlog instead of

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.aio import Client
 from tests.notify import NotifySocket, pings
-from tests.support import ROOT, SupervisorProc, eventually
+from tests.support import ROOT, MakeSupervisor, SupervisorProc, eventually
 
 REQUIRED_FAMILIES = {
     "actorvisor_connections", "actorvisor_actors", "actorvisor_events_relayed",
@@ -50,7 +49,7 @@ async def admin(url: str) -> dict[str, Any]:
 
 
 async def test_notify_ready_before_a_slow_vm_then_status_watchdog_and_stopping(
-        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> None:
+        make_supervisor: MakeSupervisor, tmp_state: Path) -> None:
     notify = NotifySocket(tmp_state / "notify")
     try:
         sup = make_supervisor("--boot-delay", "8", "--stop-timeout", "5",
@@ -112,7 +111,7 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 PROMPT = "hello there\nchunks: 20\nrun: echo metered"
 
 
-async def test_metrics_parse_and_move_with_traffic(make_supervisor: Callable[..., SupervisorProc]) -> None:
+async def test_metrics_parse_and_move_with_traffic(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--ring-size", "8", "--conn-queue-bytes", "65536")
     families, before = await scrape(sup.url)
     assert REQUIRED_FAMILIES <= families, REQUIRED_FAMILIES - families
@@ -226,7 +225,7 @@ async def test_top_once_json_agrees_with_psutil(supervisor: SupervisorProc) -> N
         await asyncio.gather(running, return_exceptions=True)
 
 
-async def test_top_flags_a_hung_worker(make_supervisor: Callable[..., SupervisorProc]) -> None:
+async def test_top_flags_a_hung_worker(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--hang-timeout", "30")
     async with Client(sup.url) as client:
         pid = (await client.action("vm", "frozen", "getRuntimeHealth"))["pid"]
@@ -272,7 +271,7 @@ async def test_top_live_screen_in_tmux(supervisor: SupervisorProc, tmp_state: Pa
 
 
 async def test_logs_are_json_lines_with_context_journald_levels_and_no_secrets(
-        make_supervisor: Callable[..., SupervisorProc], tmp_state: Path) -> None:
+        make_supervisor: MakeSupervisor, tmp_state: Path) -> None:
     secret = f"sk-ant-test-{uuid.uuid4().hex}"
     log_path = tmp_state / "supervisor-0.log"  # where the fixture sends stderr
     log_path.touch()

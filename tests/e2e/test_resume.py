@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -13,7 +12,7 @@ import aiohttp
 from protocol.aio import Client
 from protocol.client import Encoding
 from tests.e2e.proxy import CuttableProxy
-from tests.support import SupervisorProc, eventually
+from tests.support import MakeSupervisor, SupervisorProc, eventually
 
 STREAM = 5000
 
@@ -60,7 +59,7 @@ async def test_random_cuts_during_a_long_stream(supervisor: SupervisorProc) -> N
 
 
 async def test_supervisor_kill_9_mid_stream_then_resume(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor()
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "kill-9")
@@ -96,7 +95,7 @@ async def test_supervisor_kill_9_mid_stream_then_resume(
 
 
 async def test_a_recreated_log_is_reported_not_skipped(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor()
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "epochs")

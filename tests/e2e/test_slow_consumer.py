@@ -7,13 +7,12 @@ import base64
 import os
 import socket
 import time
-from collections.abc import Callable
 
 import psutil
 
 from protocol.aio import Client
 from protocol.client import Encoding, SubscriptionRequest, encode_to_server
-from tests.support import SupervisorProc
+from tests.support import MakeSupervisor
 
 FAST_CLIENTS = 20
 TURNS = 6
@@ -84,7 +83,7 @@ def closed_by_server(sock: socket.socket) -> str:
 
 
 async def test_stalled_client_is_cut_and_delays_nobody(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--conn-queue-bytes", str(QUEUE_BOUND))
     assert sup.proc is not None
     supervisor_proc = psutil.Process(sup.proc.pid)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,7 +14,7 @@ import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
-from tests.support import SupervisorProc, eventually
+from tests.support import MakeSupervisor, SupervisorProc, eventually
 
 
 async def admin_actors(url: str) -> list[dict[str, Any]]:
@@ -98,7 +97,7 @@ async def _state_in(url: str, key: str, states: set[str]) -> bool:
 
 
 async def test_stopped_worker_is_declared_hung_and_replaced(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--hang-timeout", "2")
     async with Client(sup.url) as client:
         conn = await client.connect("vm", "frozen", reconnect=False)
@@ -150,7 +149,7 @@ async def test_supervisor_sigkill_leaves_no_worker_or_sandbox(supervisor: Superv
 
 
 @pytest.mark.parametrize("boot_delay", ["0", "30"])
-async def test_sigterm_drains_cleanly(make_supervisor: Callable[..., SupervisorProc],
+async def test_sigterm_drains_cleanly(make_supervisor: MakeSupervisor,
                                       boot_delay: str) -> None:
     sup = make_supervisor("--boot-delay", boot_delay, "--stop-timeout", "5")
     assert sup.proc is not None
@@ -180,7 +179,7 @@ async def test_sigterm_drains_cleanly(make_supervisor: Callable[..., SupervisorP
 
 
 async def test_idle_actor_sleeps_and_wakes_with_everything(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--sleep-after", "1")
     async with Client(sup.url) as client:
         sid = (await client.action("vm", "sleepy", "createSession", "local", {}))["sessionId"]
@@ -200,7 +199,7 @@ async def test_idle_actor_sleeps_and_wakes_with_everything(
         assert (await client.action("vm", "sleepy", "sendPrompt", sid, "again"))["stopReason"] == "end_turn"
 
 
-async def test_resource_limits_contain_a_runaway(make_supervisor: Callable[..., SupervisorProc]) -> None:
+async def test_resource_limits_contain_a_runaway(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--worker-memory-mb", "2048")
     async with Client(sup.url) as client:
         other = await client.action("vm", "calm", "getRuntimeHealth")
@@ -210,7 +209,7 @@ async def test_resource_limits_contain_a_runaway(make_supervisor: Callable[..., 
         assert (await client.action("vm", "calm", "getRuntimeHealth"))["pid"] == other["pid"]
 
 
-async def test_a_worker_over_its_limits_fails_alone(make_supervisor: Callable[..., SupervisorProc]) -> None:
+async def test_a_worker_over_its_limits_fails_alone(make_supervisor: MakeSupervisor) -> None:
     sup = make_supervisor("--worker-open-files", "8")
     async with Client(sup.url) as client:
         with pytest.raises(ActorvisorError) as info:
@@ -245,7 +244,7 @@ IDLE_ACTORS = 150
 
 
 async def test_a_stalled_supervisor_loses_no_worker_and_a_stopped_worker_is_replaced(
-        make_supervisor: Callable[..., SupervisorProc]) -> None:
+        make_supervisor: MakeSupervisor) -> None:
     """Lateness is not death: a supervisor stopped for three times the hang timeout (the
     silence after which workers used to leave) finds every worker still there, none
     restarted; a worker that is itself stopped is still declared hung and replaced."""
@@ -288,7 +287,7 @@ async def test_a_stalled_supervisor_loses_no_worker_and_a_stopped_worker_is_repl
         assert bystanders == {k: pid for k, pid in before.items() if k != victim}
 
 
-async def test_workers_leave_a_supervisor_that_dies(make_supervisor: Callable[..., SupervisorProc]) -> None:
+async def test_workers_leave_a_supervisor_that_dies(make_supervisor: MakeSupervisor) -> None:
     """A dead supervisor is evidence: its workers leave (the parent-death chain, and each
     worker's pidfd on the supervisor), each logging its own goodbye."""
     sup = make_supervisor()
