@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -208,7 +209,9 @@ class ActorManager:
         self.actions_total = 0
         # Every VM's limits and identity range, completed for this host (VmSettings.to_arg).
         self.vm_settings = ""
-        # Actions the supervisor answers itself, without the worker (preview URLs).
+        # Actions the supervisor answers itself, without the worker (preview URLs). One
+        # returns its reply, or an awaitable of it when it must write to disk first (off
+        # the loop); its effect in memory is immediate either way.
         self.local_actions: dict[str, Callable[[Actor, list[Any]], Any]] = {}
         # Cron jobs of every actor, answered here too; started by the supervisor (`cron.start()`).
         self.cron = CronScheduler(self, config.cron_min_interval, config.max_running_actors)
@@ -297,9 +300,14 @@ class ActorManager:
         if (local := self.local_actions.get(name)) is not None:
             answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             try:
-                answered.set_result(local(actor, list(args)))
+                result = local(actor, list(args))
             except ActorvisorError as err:
                 answered.set_exception(err)
+            else:
+                if inspect.isawaitable(result):
+                    answered = asyncio.ensure_future(result)
+                else:
+                    answered.set_result(result)
             self.actions_total += 1
             return answered
         if actor.state is ActorState.FAILED:
@@ -634,7 +642,7 @@ class ActorManager:
         for conn in list(actor.connections):
             conn.close_soon(1000, "actor.not_found")
         self._actors.pop(actor.id, None)
-        self.cron.forget(actor.id)
+        await self.cron.forget(actor.id)
         await asyncio.to_thread(shutil.rmtree, actor.dir, True)
         await asyncio.to_thread(vmroot.release_identity, self._config.state_dir, actor.id)
         log.info("actor_destroyed", actor=actor.id, key=actor.key)
@@ -658,6 +666,7 @@ class ActorManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cron.stop()
 
     def _own(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)

@@ -272,6 +272,7 @@ class Supervisor:
                 await asyncio.gather(task, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.previews.revoked.drain()
         await self.hub.close()
         await self.spawner.close()
         if self._collector is not None:

@@ -11,7 +11,9 @@ This module never writes an actor's event log (only its worker does) and never m
 client's action wait for a worker: scheduling, listing and cancelling are answered here.
 
 Jobs are kept in the actor's dir (`cron.json`, replaced whole by rename, never half
-written) and loaded from every actor dir when the service starts. The rule for runs missed
+written) and loaded from every actor dir when the service starts. The file is written on
+a worker thread (supervisor/filewriter.py), never on the loop, in the order the changes
+were made; scheduling and cancelling are answered once their file is synced. The rule for runs missed
 while the service was down (docs/agentos-parity.md, "Cron"): a job whose schedule passed at
 least once since its last run (or, never run, since it was scheduled) runs once at start,
 then resumes its schedule; missed runs are never replayed one by one.
@@ -33,12 +35,12 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from croniter import CroniterError, croniter
@@ -47,12 +49,16 @@ from protocol.errors import ActorvisorError, ErrorCode
 from protocol.names import ActionName
 from vmworker.cron import check_keys, parse_action
 
+from .filewriter import FileWriter
+
 log = structlog.get_logger("supervisor.cron")
 
 CRON_FILE: Final = "cron.json"
 MAX_JOBS_PER_ACTOR: Final = 64
 MAX_ID_CHARS: Final = 128
 MAX_SCHEDULE_CHARS: Final = 256
+
+T = TypeVar("T")
 
 
 class Actor(Protocol):
@@ -263,6 +269,7 @@ class CronScheduler:
         self._tokens = itertools.count(1)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writer = FileWriter("cron-save")
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -292,10 +299,19 @@ class CronScheduler:
         self._task = asyncio.create_task(self._serve(), name="cron")
         self._manager._own(self._task)
 
-    def forget(self, actor_id: str) -> None:
-        """The actor is destroyed: its jobs go with its dir."""
+    async def forget(self, actor_id: str) -> None:
+        """The actor is destroyed: its jobs go with its dir, once no save of theirs is
+        queued (one landing after the dir is removed would leave a dir behind)."""
         for job in self._jobs.pop(actor_id, {}).values():
             job.token = 0
+        await self._writer.drain()
+
+    async def stop(self) -> None:
+        """Stop firing and wait for every queued save of the cron files."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._writer.drain()
 
     # ---- actions -------------------------------------------------------------------
 
@@ -305,7 +321,7 @@ class CronScheduler:
                 ActionName.LIST_CRON_JOBS: self._list_action,
                 ActionName.CANCEL_CRON_JOB: self._cancel_action}
 
-    def _schedule_action(self, actor: Actor, args: list[Any]) -> dict[str, str]:
+    def _schedule_action(self, actor: Actor, args: list[Any]) -> Awaitable[dict[str, str]]:
         if len(args) != 1:
             raise _invalid(f"scheduleCron takes 1 argument (options), got {len(args)}")
         return self.schedule(actor.id, args[0])
@@ -315,12 +331,14 @@ class CronScheduler:
             raise _invalid(f"listCronJobs takes no arguments, got {len(args)}")
         return [job.info() for job in self._jobs.get(actor.id, {}).values()]
 
-    def _cancel_action(self, actor: Actor, args: list[Any]) -> None:
+    def _cancel_action(self, actor: Actor, args: list[Any]) -> Awaitable[None]:
         if len(args) != 1:
             raise _invalid(f"cancelCronJob takes 1 argument (id), got {len(args)}")
-        self.cancel(actor.id, parse_id(args[0], "cancelCronJob: argument 1 (id)"))
+        return self.cancel(actor.id, parse_id(args[0], "cancelCronJob: argument 1 (id)"))
 
-    def schedule(self, actor_id: str, options: object) -> dict[str, str]:
+    def schedule(self, actor_id: str, options: object) -> Awaitable[dict[str, str]]:
+        """Check and schedule the job at once (it is listed and planned on return); the
+        awaitable gives the reply once the actor's cron file is synced."""
         what = "scheduleCron: argument 1 (options)"
         if not isinstance(options, dict):
             raise _invalid(f"{what} must be an object, got {_type(options)}")
@@ -344,20 +362,22 @@ class CronScheduler:
         job = CronJob(job_id, schedule, Overlap(overlap_raw), action, _now_ms())
         jobs[job_id] = job
         self._plan(actor_id, job, schedule.next_after(now))
-        self._save(actor_id, durable=True)
+        saved = self._save(actor_id, durable=True)
         log.info("cron_scheduled", actor=actor_id, job=job_id, schedule=schedule.text,
                  overlap=job.overlap.value, action=action["type"])
-        return {"id": job_id}
+        return _once_saved(saved, {"id": job_id})
 
-    def cancel(self, actor_id: str, job_id: str) -> None:
-        """agentOS's `cancelCronJob`: an unknown id is no error. A run in flight finishes."""
+    def cancel(self, actor_id: str, job_id: str) -> Awaitable[None]:
+        """agentOS's `cancelCronJob`: an unknown id is no error. A run in flight finishes.
+        The job is gone at once; the awaitable is done once the cron file is synced."""
         job = self._jobs.get(actor_id, {}).pop(job_id, None)
         if job is None:
-            return
+            return _once_saved(None, None)
         job.token = 0
         job.queued = False
-        self._save(actor_id, durable=True)
+        saved = self._save(actor_id, durable=True)
         log.info("cron_cancelled", actor=actor_id, job=job_id)
+        return _once_saved(saved, None)
 
     # ---- firing --------------------------------------------------------------------
 
@@ -447,31 +467,47 @@ class CronScheduler:
 
     # ---- persistence ---------------------------------------------------------------
 
-    def _save(self, actor_id: str, *, durable: bool = False) -> None:
-        """Replace the actor's cron file whole: a crash leaves the old one or the new one.
+    def _save(self, actor_id: str, *, durable: bool = False) -> asyncio.Future[None]:
+        """Queue the replacement of the actor's cron file with its jobs as they are now.
 
-        `durable` (scheduling and cancelling) also syncs it to disk before the action is
-        answered; a run's bookkeeping (`lastRun`, `runCount`) is not synced, so after a
-        power loss a job may run one catch-up run more, never one less.
+        The snapshot is taken here, on the loop; the writer thread writes the snapshots in
+        the order they were taken, so the file ends as the jobs in memory are. `durable`
+        (scheduling and cancelling) also syncs it to disk before the future is done, and
+        the action is answered only then; a run's bookkeeping (`lastRun`, `runCount`) is
+        not synced, so after a power loss a job may run one catch-up run more, never one less.
         """
         jobs = self._jobs.get(actor_id, {})
+        text = json.dumps({"jobs": [j.record() for j in jobs.values()]}) if jobs else None
         path = self._manager.actors_dir / actor_id / CRON_FILE
-        partial = path.with_suffix(".tmp")
-        try:
-            if not jobs:
-                path.unlink(missing_ok=True)
-            else:
-                with partial.open("w") as fh:
-                    json.dump({"jobs": [j.record() for j in jobs.values()]}, fh)
-                    if durable:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                partial.replace(path)
-            if durable:
-                dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-        except OSError as exc:
-            log.error("cron_save_failed", actor=actor_id, path=str(path), error=str(exc))
+        return self._writer.submit(lambda: _write_cron_file(path, text, durable=durable))
+
+
+async def _once_saved(saved: Awaitable[None] | None, reply: T) -> T:
+    if saved is not None:
+        await saved
+    return reply
+
+
+def _write_cron_file(path: Path, text: str | None, *, durable: bool) -> None:
+    """Replace `path` with `text` (remove it for None): a crash leaves the old one or the
+    new one. Runs on the writer's thread."""
+    partial = path.with_suffix(".tmp")
+    try:
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            with partial.open("w") as fh:
+                fh.write(text)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            partial.replace(path)
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        # The jobs stay scheduled in memory; only a restart would lose them.
+        log.error("cron_save_failed", actor=path.parent.name, path=str(path), error=str(exc))

@@ -5,11 +5,13 @@ first use, never logged), minting tokens bound to (actor, port, expiry) and veri
 them. `check_preview_token` is self-contained on purpose: the preview route authenticates
 by its token alone, so the gateway's other authentication can exempt it by name.
 A token is `v1.<actor>.<port>.<expires>.<nonce>.<mac>`, mac = HMAC-SHA256(secret, the rest);
-expiry before the TTL is a revocation list of nonces held by the supervisor.
+expiry before the TTL is a revocation list of nonces held by the supervisor, refused from
+the moment it is added and written to its file off the event loop (supervisor/filewriter.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,10 +19,12 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from .filewriter import FileWriter
 
 MAX_TTL_S: Final = 7 * 24 * 3600
 _TOKEN: Final = re.compile(r"v1\.([A-Za-z0-9_-]{1,128})\.(\d{1,5})\.(\d{1,12})\.([A-Za-z0-9_-]{16})\.([A-Za-z0-9_-]{43})")
@@ -112,10 +116,14 @@ class RevokedTokens:
     """Nonces of tokens expired before their TTL, each kept until its token would have
     expired anyway, so the set stays bounded by what is still valid. Persisted (an
     append-only file in the state dir, compacted when loaded) so a restart keeps them
-    expired. At most MAX_REVOKED at once: past that, expiring one more is refused."""
+    expired. At most MAX_REVOKED at once: past that, expiring one more is refused.
+
+    Loaded (and compacted) when constructed, before the service serves; from then on every
+    write goes through one FileWriter, so appends and compactions land in the order made."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._writer = FileWriter("preview-revoked")
         self.nonces: dict[str, int] = {}
         now = time.time()
         try:
@@ -127,28 +135,42 @@ class RevokedTokens:
             if expires.isdigit() and int(expires) > now:
                 self.nonces[nonce] = int(expires)
         if len(self.nonces) < len(lines):
-            self._rewrite()
+            _rewrite(path, self.nonces)
 
     def __contains__(self, nonce: object) -> bool:
         return nonce in self.nonces
 
-    def add(self, preview: Preview) -> None:
+    def add(self, preview: Preview) -> asyncio.Future[None]:
+        """Refuse the token from now on. The future is done once that is synced to disk
+        (an OSError if it could not be): answer "expired" only then."""
         now = time.time()
         if preview.nonce in self.nonces:
-            return
+            # Done once the write that added it (perhaps still queued) is.
+            return self._writer.submit(lambda: None)
         if len(self.nonces) >= MAX_REVOKED:
             self.nonces = {n: e for n, e in self.nonces.items() if e > now}
             if len(self.nonces) >= MAX_REVOKED:
                 raise OverflowError(f"{MAX_REVOKED} preview tokens are already expired early "
                                     "and not yet past their TTL")
-            self._rewrite()
+            kept = dict(self.nonces)
+            self._writer.submit(lambda: _rewrite(self._path, kept))
         self.nonces[preview.nonce] = preview.expires_at
-        with self._path.open("a") as f:
-            f.write(f"{preview.nonce} {preview.expires_at}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = f"{preview.nonce} {preview.expires_at}\n"
+        return self._writer.submit(lambda: _append_synced(self._path, line))
 
-    def _rewrite(self) -> None:
-        partial = self._path.with_suffix(".tmp")
-        partial.write_text("".join(f"{n} {e}\n" for n, e in self.nonces.items()))
-        partial.replace(self._path)
+    async def drain(self) -> None:
+        """Wait for every queued write of the file (the service is stopping)."""
+        await self._writer.drain()
+
+
+def _append_synced(path: Path, line: str) -> None:
+    with path.open("a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rewrite(path: Path, nonces: Mapping[str, int]) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text("".join(f"{n} {e}\n" for n, e in nonces.items()))
+    partial.replace(path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Final
 
@@ -141,8 +142,9 @@ class Previews:
         return {"path": f"{PREFIX}{token}/", "token": token, "port": port,
                 "expiresAt": preview.expires_at * 1000}
 
-    def expire(self, actor: Actor, args: list[Any]) -> dict[str, Any]:
-        """expireSignedPreviewUrl(token): 403 for it from now on, also after a restart."""
+    def expire(self, actor: Actor, args: list[Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+        """expireSignedPreviewUrl(token): 403 for it from now on, also after a restart.
+        Refused at once; answered once the revocation is on disk."""
         if len(args) != 1 or not isinstance(args[0], str):
             raise ActorvisorError(ErrorCode.INVALID_ARGS, "expireSignedPreviewUrl takes (token: string)")
         try:
@@ -155,9 +157,19 @@ class Previews:
         if preview.actor_id != actor.id:
             raise ActorvisorError(ErrorCode.INVALID_ARGS, "this preview token belongs to another actor")
         try:
-            self.revoked.add(preview)
+            saved = self.revoked.add(preview)
         except OverflowError as exc:
             raise ActorvisorError(ErrorCode.OVERLOADED, str(exc)) from None
+        return self._expired(actor, preview, saved)
+
+    async def _expired(self, actor: Actor, preview: Preview, saved: Awaitable[None]) -> dict[str, Any]:
+        try:
+            await saved
+        except OSError as exc:
+            log.error("preview_revocation_unsaved", actor=actor.id, error=str(exc))
+            raise ActorvisorError(ErrorCode.INTERNAL, "the token is refused until the service "
+                                  "restarts, but its expiry could not be saved (see the "
+                                  "service's log)") from None
         log.info("preview_url_expired", actor=actor.id, port=preview.port)
         return {"expired": True}
 

@@ -80,6 +80,7 @@ async def cron(tmp_path: Path) -> Any:
     for task in manager.tasks:
         task.cancel()
     await asyncio.gather(*manager.tasks, return_exceptions=True)
+    await scheduler.stop()
 
 
 def invalid(fn: Any, *args: Any, code: ErrorCode = ErrorCode.INVALID_ARGS) -> str:
@@ -147,7 +148,7 @@ def test_schedule_cron_refuses_any_malformed_options_precisely(options: Any) -> 
         raise AssertionError(f"accepted {options!r}")
 
 
-def test_bad_actions_and_limits(tmp_path: Path) -> None:
+async def test_bad_actions_and_limits(tmp_path: Path) -> None:
     manager = FakeManager(tmp_path)
     (tmp_path / ACTOR).mkdir()
     scheduler = CronScheduler(manager, 1.0)
@@ -164,9 +165,9 @@ def test_bad_actions_and_limits(tmp_path: Path) -> None:
     assert "at most" in invalid(scheduler.schedule, ACTOR, {**ok, "action": {"type": "exec", "command": "x" * 200_000}})
     assert "control characters" in invalid(scheduler.schedule, ACTOR, {**ok, "id": "a\nb"})
     for i in range(MAX_JOBS_PER_ACTOR):
-        scheduler.schedule(ACTOR, {**ok, "id": f"j{i}"})
+        await scheduler.schedule(ACTOR, {**ok, "id": f"j{i}"})
     assert "already has 64 cron jobs" in invalid(scheduler.schedule, ACTOR, {**ok, "id": "one-more"})
-    scheduler.schedule(ACTOR, {**ok, "id": "j0"})  # the same id replaces
+    await scheduler.schedule(ACTOR, {**ok, "id": "j0"})  # the same id replaces
     saved = json.loads((tmp_path / ACTOR / CRON_FILE).read_text())["jobs"]
     assert len(saved) == MAX_JOBS_PER_ACTOR
 
@@ -199,7 +200,7 @@ async def test_overlap_as_agentos_defines_it(cron: Any, overlap: str, runs: int)
     """Three fires while the first run hangs: allow runs all three, skip drops the others,
     queue keeps one and runs it once the first ends."""
     scheduler, manager = cron
-    scheduler.schedule(ACTOR, {"id": "j", "schedule": "0 0 1 1 *", "overlap": overlap, "action": EXEC})
+    await scheduler.schedule(ACTOR, {"id": "j", "schedule": "0 0 1 1 *", "overlap": overlap, "action": EXEC})
     job = scheduler._jobs[ACTOR]["j"]
     for _ in range(3):
         scheduler._fire(ACTOR, job, time.time())
@@ -211,6 +212,7 @@ async def test_overlap_as_agentos_defines_it(cron: Any, overlap: str, runs: int)
     assert job.run_count == runs and job.last_run is not None
     args, _ = manager.runs[0]
     assert args[0]["id"] == "j" and args[0]["action"] == {"type": "exec", "command": "true", "args": []}
+    await scheduler.stop()  # a run's save is not awaited by anyone: stopping waits for it
     saved = json.loads((manager.actors_dir / ACTOR / CRON_FILE).read_text())["jobs"]
     assert saved[0]["runCount"] == runs
 
@@ -219,7 +221,7 @@ async def test_a_run_wakes_no_worker_past_max_running_actors(tmp_path: Path) -> 
     manager = FakeManager(tmp_path)
     (tmp_path / ACTOR).mkdir()
     scheduler = CronScheduler(manager, 1.0, max_running=1)
-    scheduler.schedule(ACTOR, {"id": "j", "schedule": "0 0 1 1 *", "action": EXEC})
+    await scheduler.schedule(ACTOR, {"id": "j", "schedule": "0 0 1 1 *", "action": EXEC})
     scheduler._fire(ACTOR, scheduler._jobs[ACTOR]["j"], time.time())
     await asyncio.gather(*manager.tasks)
     assert manager.runs == []  # refused (actor.overloaded, logged), not queued

@@ -51,7 +51,7 @@ def test_arbitrary_strings_are_denied(token: str) -> None:
         check_preview_token(b"k" * 32, token, now=0)
 
 
-def test_revocations_persist_until_their_tokens_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_revocations_persist_until_their_tokens_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
     from supervisor import preview
@@ -61,9 +61,9 @@ def test_revocations_persist_until_their_tokens_expire(tmp_path: Path, monkeypat
     now = time.time()
     _, soon = mint(b"k" * 32, "a", 80, 1, now=now - 10)       # already past its TTL
     _, later = mint(b"k" * 32, "a", 80, 600, now=now)
-    store.add(soon)
-    store.add(later)
-    store.add(later)
+    await store.add(soon)
+    await store.add(later)
+    await store.add(later)
     assert later.nonce in store and path.read_text().count(later.nonce) == 1
     reloaded = preview.RevokedTokens(path)          # a restart: expired ones are dropped
     assert later.nonce in reloaded and soon.nonce not in reloaded
