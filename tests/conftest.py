@@ -50,9 +50,7 @@ def make_supervisor(tmp_state: Path) -> Iterator[MakeSupervisor]:
         yield make
     finally:
         for sup in started:
-            sup.stop()
-            if sup.listen_socket is not None:
-                sup.listen_socket.close()
+            sup.close()
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 `SupervisorProc` starts `actorvisor run` in a temp state dir on a free loopback port, as
 a process-group leader, and stops it so that nothing of ours is left: the supervisor
 leads its own process group and each worker leads another, so teardown kills them by
-group. `eventually` waits for a condition without a fixed sleep.
+group, and then removes the cgroups a killed supervisor could not. `eventually` waits for
+a condition without a fixed sleep.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from vmworker.cgroups import CgroupRoot
 from vmworker.vm import VmSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +206,25 @@ class SupervisorProc:
                 pass
         self.proc = None
         return rc
+
+    def close(self, timeout: float = 5.0) -> None:
+        """The test is done with this state dir: stop the supervisor, let go of the socket,
+        and remove its cgroups (the VM cgroups left empty, then the parents), which a
+        supervisor killed or timed out never removes itself. Only rmdir: a cgroup that
+        still holds a process (one dying of the kill above, for a moment) is retried
+        until `timeout`, then left."""
+        self.stop()
+        if self.listen_socket is not None:
+            self.listen_socket.close()
+            self.listen_socket = None
+        root = CgroupRoot.locate(self.state_dir)
+        if root is None:
+            return
+        deadline = time.monotonic() + timeout
+        root.remove()
+        while any(Path(parent).exists() for _, parent in root.parents) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            root.remove()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:

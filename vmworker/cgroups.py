@@ -105,29 +105,42 @@ class CgroupRoot:
         return cls(int(version.removeprefix("v")), parents)  # type: ignore[arg-type]
 
     @classmethod
-    def discover(cls, state_dir: Path) -> tuple[CgroupRoot | None, str]:
-        """Make this service's parent cgroups; (None, why) when the host gives us none."""
+    def locate(cls, state_dir: Path) -> CgroupRoot | None:
+        """Where the parent cgroups of a service on `state_dir` are, made or not, for a
+        service started from this process's cgroup; None when the host has no usable
+        hierarchy. Makes nothing: `discover` makes them; whoever cleans up after a
+        service that could not (killed) finds them here."""
         tag = "actorvisor-" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
         unified, v1_mounts = _mounts()
         own_v2, own_v1 = _own_paths()
-        try:
-            if all(name in v1_mounts and name in own_v1 for name in CONTROLLERS):
-                parents = []
-                for name in CONTROLLERS:
-                    parent = Path(v1_mounts[name] + own_v1[name].rstrip("/")) / tag
-                    parent.mkdir(exist_ok=True)
-                    parents.append((name, str(parent)))
-                return cls(1, tuple(parents)), ""
-            if unified is not None and own_v2 is not None:
-                return cls._delegate_v2(Path(unified + own_v2.rstrip("/")), tag), ""
-        except OSError as exc:
-            return None, f"cgroups are not writable here ({exc.strerror}: {exc.filename})"
-        return None, "no cgroup hierarchy with the memory, pids and cpu controllers"
+        if all(name in v1_mounts and name in own_v1 for name in CONTROLLERS):
+            return cls(1, tuple((name, str(Path(v1_mounts[name] + own_v1[name].rstrip("/")) / tag))
+                                for name in CONTROLLERS))
+        if unified is not None and own_v2 is not None:
+            return cls(2, (("unified", str(Path(unified + own_v2.rstrip("/")) / tag)),))
+        return None
 
     @classmethod
-    def _delegate_v2(cls, own: Path, tag: str) -> CgroupRoot:
+    def discover(cls, state_dir: Path) -> tuple[CgroupRoot | None, str]:
+        """Make this service's parent cgroups; (None, why) when the host gives us none."""
+        root = cls.locate(state_dir)
+        if root is None:
+            return None, "no cgroup hierarchy with the memory, pids and cpu controllers"
+        try:
+            if root.version == 2:
+                cls._delegate_v2(Path(root.parents[0][1]))
+            else:
+                for _, parent in root.parents:
+                    Path(parent).mkdir(exist_ok=True)
+        except OSError as exc:
+            return None, f"cgroups are not writable here ({exc.strerror}: {exc.filename})"
+        return root, ""
+
+    @staticmethod
+    def _delegate_v2(parent: Path) -> None:
         # v2 lets a cgroup either hold processes or hand controllers to children: the
         # service moves itself into a leaf first, then enables the controllers below.
+        own = parent.parent
         available = set((own / "cgroup.controllers").read_text().split())
         missing = [name for name in CONTROLLERS if name not in available]
         if missing:
@@ -136,10 +149,8 @@ class CgroupRoot:
         leaf.mkdir(exist_ok=True)
         _write(leaf / "cgroup.procs", str(os.getpid()))
         _write(own / "cgroup.subtree_control", " ".join(f"+{n}" for n in CONTROLLERS))
-        parent = own / tag
         parent.mkdir(exist_ok=True)
         _write(parent / "cgroup.subtree_control", " ".join(f"+{n}" for n in CONTROLLERS))
-        return cls(2, (("unified", str(parent)),))
 
     def remove(self) -> None:
         """Remove this service's parent cgroups once no VM cgroup is left in them."""
@@ -152,7 +163,11 @@ class CgroupRoot:
         """Remove empty VM cgroups left by workers that died; returns how many."""
         removed = 0
         for _, parent in self.parents:
-            for child in Path(parent).iterdir():
+            try:
+                children = list(Path(parent).iterdir())
+            except FileNotFoundError:  # never made, or already removed
+                continue
+            for child in children:
                 if child.is_dir():
                     with contextlib.suppress(OSError):
                         child.rmdir()

@@ -177,7 +177,7 @@ def shared_supervisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supe
     try:
         yield sup
     finally:
-        sup.stop()
+        sup.close()
 
 
 async def _random_frames_then_action(url: str, frames: list[bytes | str]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ import pytest
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
 from tests.support import MakeSupervisor, SupervisorProc, eventually
+from vmworker.cgroups import CgroupRoot
 
 
 async def admin_actors(url: str) -> list[dict[str, Any]]:
@@ -302,3 +304,19 @@ async def test_workers_leave_a_supervisor_that_dies(make_supervisor: MakeSupervi
     async with Client(sup.url) as client:
         logged = await replay_all(client, "abandoned")
     assert [e["name"] for e in logged[logged_before:]][:1] == ["vmShutdown"]
+
+
+async def test_a_killed_supervisor_leaves_no_cgroups_once_its_test_is_done(make_supervisor: MakeSupervisor) -> None:
+    """A supervisor killed -9 cannot remove its cgroups; the harness's teardown does (rmdir
+    only), so test runs do not pile up `actorvisor-<tag>` dirs on the host."""
+    sup = make_supervisor()
+    async with Client(sup.url) as client:
+        assert (await client.action("vm", "cgroups", "exec", "true"))["exitCode"] == 0
+    root = CgroupRoot.locate(sup.state_dir)
+    assert root is not None
+    actor_id = next((sup.state_dir / "actors").iterdir()).name
+    assert all((Path(parent) / actor_id).is_dir() for _, parent in root.parents)
+    sup.stop(signal.SIGKILL)
+    assert all(Path(parent).is_dir() for _, parent in root.parents)  # left behind
+    sup.close()
+    assert not any(Path(parent).exists() for _, parent in root.parents)
