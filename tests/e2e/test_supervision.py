@@ -306,7 +306,8 @@ async def test_workers_leave_a_supervisor_that_dies(make_supervisor: MakeSupervi
     assert [e["name"] for e in logged[logged_before:]][:1] == ["vmShutdown"]
 
 
-async def test_a_killed_supervisor_leaves_no_cgroups_once_its_test_is_done(make_supervisor: MakeSupervisor) -> None:
+async def test_a_killed_supervisor_leaves_no_cgroups_once_its_test_is_done(
+        make_supervisor: MakeSupervisor) -> None:
     """A supervisor killed -9 cannot remove its cgroups; the harness's teardown does (rmdir
     only), so test runs do not pile up `actorvisor-<tag>` dirs on the host."""
     sup = make_supervisor()
