@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import MakeSupervisor, SupervisorProc, free_port
+from tests.support import MakeSupervisor, SupervisorProc, free_port, remove_session_cgroups
 from vmworker import vmroot
 
 
@@ -23,6 +23,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # namespace of this process's own, entered before any thread exists.
     if os.geteuid() == 0:
         vmroot.enter_private_mount_namespace()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The in-process VMs' cgroups (tests/support.py vm_settings): every VM has ended.
+    remove_session_cgroups()
 
 
 @pytest.fixture

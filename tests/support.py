@@ -48,12 +48,36 @@ def _die_with_this_process() -> None:
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+# The parent cgroups made for this process's in-process VMs and harness workers
+# (`vm_settings`): removed when the test session ends (tests/conftest.py), once no VM of
+# it is left, since nothing in between knows when a state dir is done with.
+SESSION_CGROUPS: set[str] = set()
+
+
 def vm_settings(state_dir: Path, **limits: int | float) -> VmSettings:
     """VM settings completed for this host as the supervisor does, for a worker or an
     in-process VM a test starts. Small disks: each VM made here gets one."""
     settings, missing = VmSettings(**{"disk_mb": 64, **limits}).for_host(state_dir)  # type: ignore[arg-type]
     assert not missing, missing
+    if settings.cgroup_root is not None:
+        SESSION_CGROUPS.add(settings.cgroup_root)
     return settings
+
+
+def remove_cgroups(root: CgroupRoot, timeout: float = 5.0) -> None:
+    """Remove the VM cgroups left empty under `root`, then its parents. Only rmdir: a
+    cgroup that still holds a process (one dying of a kill just sent, for a moment) is
+    retried until `timeout`, then left."""
+    deadline = time.monotonic() + timeout
+    root.remove()
+    while any(Path(parent).exists() for _, parent in root.parents) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        root.remove()
+
+
+def remove_session_cgroups(roots: set[str] = SESSION_CGROUPS) -> None:
+    while roots:
+        remove_cgroups(CgroupRoot.from_arg(roots.pop()))
 
 
 def file_contains(path: Path, needle: bytes, chunk: int = 1 << 20) -> bool:
@@ -207,24 +231,17 @@ class SupervisorProc:
         self.proc = None
         return rc
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self) -> None:
         """The test is done with this state dir: stop the supervisor, let go of the socket,
         and remove its cgroups (the VM cgroups left empty, then the parents), which a
-        supervisor killed or timed out never removes itself. Only rmdir: a cgroup that
-        still holds a process (one dying of the kill above, for a moment) is retried
-        until `timeout`, then left."""
+        supervisor killed or timed out never removes itself."""
         self.stop()
         if self.listen_socket is not None:
             self.listen_socket.close()
             self.listen_socket = None
         root = CgroupRoot.locate(self.state_dir)
-        if root is None:
-            return
-        deadline = time.monotonic() + timeout
-        root.remove()
-        while any(Path(parent).exists() for _, parent in root.parents) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            root.remove()
+        if root is not None:
+            remove_cgroups(root)
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:

@@ -15,7 +15,14 @@ import pytest
 
 from protocol.aio import Client
 from protocol.errors import ActorvisorError, ErrorCode
-from tests.support import MakeSupervisor, SupervisorProc, eventually
+from tests.support import (
+    SESSION_CGROUPS,
+    MakeSupervisor,
+    SupervisorProc,
+    eventually,
+    remove_session_cgroups,
+    vm_settings,
+)
 from vmworker.cgroups import CgroupRoot
 
 
@@ -320,4 +327,17 @@ async def test_a_killed_supervisor_leaves_no_cgroups_once_its_test_is_done(
     sup.stop(signal.SIGKILL)
     assert all(Path(parent).is_dir() for _, parent in root.parents)  # left behind
     sup.close()
+    assert not any(Path(parent).exists() for _, parent in root.parents)
+
+
+def test_in_process_vms_cgroups_are_removed_when_the_session_ends(tmp_path: Path) -> None:
+    """`vm_settings` (in-process VMs, harness workers) makes a state dir's parent cgroups;
+    the session's end removes them (here: only this test's, the others may be in use)."""
+    settings = vm_settings(tmp_path)
+    assert settings.cgroup_root is not None and settings.cgroup_root in SESSION_CGROUPS
+    root = CgroupRoot.from_arg(settings.cgroup_root)
+    assert root == CgroupRoot.locate(tmp_path)
+    assert all(Path(parent).is_dir() for _, parent in root.parents)
+    SESSION_CGROUPS.discard(settings.cgroup_root)
+    remove_session_cgroups({settings.cgroup_root})
     assert not any(Path(parent).exists() for _, parent in root.parents)
