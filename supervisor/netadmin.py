@@ -21,6 +21,7 @@ from vmworker.netpolicy import Policy, PolicyError, load_actor_policy, save_acto
 
 from .actors import Actor, ActorManager
 from .config import Config
+from .filewriter import FileWriter
 
 log = structlog.get_logger("supervisor.netadmin")
 
@@ -36,6 +37,9 @@ class NetworkAdmin:
     def __init__(self, manager: ActorManager, config: Config) -> None:
         self._manager = manager
         self._default = Policy.parse(config.network_allow, config.network_deny)
+        # Two admins changing one actor's policy at once: their writes land in the order
+        # their requests came, so the file holds the last one answered.
+        self._writer = FileWriter("netpolicy")
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(ROUTE, self.get), web.put(ROUTE, self.put), web.delete(ROUTE, self.delete)]
@@ -73,7 +77,7 @@ class NetworkAdmin:
             policy = Policy.from_wire(json.loads(raw))
         except ValueError as exc:   # PolicyError included: the message names the rule
             return _error(ErrorCode.INVALID_ARGS, f"network policy: {exc}", 400)
-        await asyncio.to_thread(save_actor_policy, actor.dir, policy)
+        await self._writer.submit(lambda: save_actor_policy(actor.dir, policy))
         log.info("actor_network_policy_set", actor=actor.id, allow=len(policy.allow), deny=len(policy.deny))
         return web.json_response(await self._describe(actor))
 
@@ -83,6 +87,6 @@ class NetworkAdmin:
             actor = self._actor(request)
         except ActorvisorError as err:
             return web.json_response(err.to_dict(), status=404)
-        await asyncio.to_thread(save_actor_policy, actor.dir, None)
+        await self._writer.submit(lambda: save_actor_policy(actor.dir, None))
         log.info("actor_network_policy_cleared", actor=actor.id)
         return web.json_response(await self._describe(actor))
