@@ -161,7 +161,7 @@ async def main(args: argparse.Namespace) -> None:
                 ready = tmp / f"ready-{i}"
                 clients.append((subprocess.Popen(
                     [sys.executable, __file__, "--client", sup.url, ",".join(share), str(args.per_actor),
-                     str(count + 1), str(ready), str(args.hold * 2 + 30)],
+                     str(count + 1), str(ready), str(args.drain or args.hold * 2 + 30)],
                     stdout=subprocess.PIPE, cwd=ROOT), ready))
             while not all(ready.exists() for _, ready in clients):
                 if any(p.poll() is not None for p, _ in clients) or time.monotonic() - started > 600:
@@ -240,4 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("--hold", type=float, default=60, help="seconds the events flow")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--init-conns", type=int, default=200, help="connections per Init measurement")
+    parser.add_argument("--drain", type=float, default=None,
+                        help="seconds the clients may read after the events start (default: "
+                             "2 x hold + 30); a frame not read by then is counted missing")
     asyncio.run(main(parser.parse_args()))

@@ -6,7 +6,9 @@ In one run, for each spawner (a supervisor per spawner, same machine, same setti
     after another;
   * RSS and USS per idle worker (psutil, after the actors have booted and gone idle);
 Then, with the zygote: how many idle actors the machine holds before connection setup
-(WebSocket upgrade → Init) degrades: Init p50/p99 measured at growing idle-actor counts.
+(WebSocket upgrade → Init) degrades: Init p50/p99 measured at growing idle-actor counts
+(started 20 at a time, each batch booted before the next; three measurements of 400
+connections per level, the median p99 kept), with the CPU the idle population costs.
 
     .venv/bin/python bench/spawn.py [--actors 50] [--levels 0,500,1000,1500]
 """
@@ -169,11 +171,16 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
                     await wait_all_booted(sup, running + 1)
                 await asyncio.sleep(1.0)
                 idle_cpu = await asyncio.to_thread(cpu_per_second, sup, 10.0)
-                lat = await measure(sup.url, ["probe"], 400, 10)
+                # Three measurements, the one with the median p99 kept: one burst of
+                # another process's work on a shared machine moves a p99 of 400 samples.
+                runs = sorted([await measure(sup.url, ["probe"], 400, 10) for _ in range(3)],
+                              key=lambda r: pct(r, .99))
+                lat = runs[1]
                 avail = psutil.virtual_memory().available / 2**30
                 rows.append((level, lat, avail, mean_uss(sup), worker_exits(sup)))
                 print(f"  {level} idle actors: supervisor {idle_cpu[0]:.1f} ms CPU/s, all workers "
-                      f"{idle_cpu[1]:.1f} ms CPU/s while idle; Init p99 {pct(lat, .99):.2f} ms, "
+                      f"{idle_cpu[1]:.1f} ms CPU/s while idle; Init p99 {pct(lat, .99):.2f} ms "
+                      f"(of {' / '.join(f'{pct(r, .99):.2f}' for r in runs)}), "
                       f"{len(rows[-1][4])} worker exits, {len(lost)} unanswered actions so far",
                       flush=True)
     finally:
