@@ -319,13 +319,18 @@ async def test_http_and_websocket_actions_wait_for_a_reply_under_one_timeout(tmp
 WINDOW = 0.2  # hello_timeout and hang timeout of the liveness tests: time is slept past it
 
 
+async def silent_start(tmp_path: Path, key: str) -> tuple[Harness, Actor, FakeWorker]:
+    """A worker started with a `hello_timeout` of WINDOW that never says hello."""
+    h = Harness(tmp_path, hello_timeout=WINDOW)
+    actor = h.manager.get_or_create("vm", key)
+    h.manager.ensure_running(actor)
+    return h, actor, await h.spawned(1)
+
+
 async def test_a_late_start_that_runs_is_waited_for_and_one_that_stopped_running_is_killed(
         tmp_path: Path) -> None:
-    h = Harness(tmp_path, hello_timeout=WINDOW)
+    h, actor, worker = await silent_start(tmp_path, "late")
     try:
-        actor = h.manager.get_or_create("vm", "late")
-        h.manager.ensure_running(actor)
-        worker = await h.spawned(1)
         for _ in range(2):  # a starved machine: no hello, but the process runs
             h.kernel.run(worker)
             await asyncio.sleep(1.5 * WINDOW)
@@ -340,11 +345,8 @@ async def test_a_late_start_that_runs_is_waited_for_and_one_that_stopped_running
 
 async def test_a_start_that_runs_but_never_says_hello_is_replaced_after_the_last_window(
         tmp_path: Path) -> None:
-    h = Harness(tmp_path, hello_timeout=WINDOW)
+    h, _, worker = await silent_start(tmp_path, "spinning")
     try:
-        actor = h.manager.get_or_create("vm", "spinning")
-        h.manager.ensure_running(actor)
-        worker = await h.spawned(1)
         started = asyncio.get_running_loop().time()
         while not worker.signals:
             h.kernel.run(worker)
