@@ -33,7 +33,11 @@ class ConnectionLimiter:
         self.by_address: dict[str, int] = {}
         self.refused = 0
         self.timed_out = 0
-        self._admitted: dict[Any, str] = {}
+        # Each open connection's address and its header-timeout timer, cancelled when it
+        # closes: a pending timer would keep a closed connection's handler, transport and
+        # buffers alive for the whole timeout (thousands of them under connection churn,
+        # each one walked by every full garbage collection).
+        self._admitted: dict[Any, tuple[str, asyncio.TimerHandle]] = {}
 
     def install(self, server: web.Server) -> None:
         made, lost = server.connection_made, server.connection_lost
@@ -52,14 +56,15 @@ class ConnectionLimiter:
                 return
             self.open += 1
             self.by_address[address] = self.by_address.get(address, 0) + 1
-            self._admitted[handler] = address
-            asyncio.get_running_loop().call_later(self.header_timeout, self._check_head, handler,
-                                                  transport)
+            self._admitted[handler] = (address, asyncio.get_running_loop().call_later(
+                self.header_timeout, self._check_head, handler, transport))
             made(handler, transport)
 
         def connection_lost(handler: Any, exc: BaseException | None) -> None:
-            address = self._admitted.pop(handler, None)
-            if address is not None:
+            admitted = self._admitted.pop(handler, None)
+            if admitted is not None:
+                address, timer = admitted
+                timer.cancel()
                 self.open -= 1
                 left = self.by_address[address] - 1
                 if left:
