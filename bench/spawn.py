@@ -189,7 +189,11 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
               f"supervisor log: {logs.count('worker_message_from_unknown')} "
               f"worker_message_from_unknown, worker exits {', '.join(worker_exits(sup)) or 'none'}",
               flush=True)
-        sup.stop()
+        stopping = time.monotonic()
+        status = sup.stop(timeout=300)
+        print(f"stopping the supervisor with {len(rows) and rows[-1][0]} idle actors (SIGTERM: every "
+              f"worker told to sleep at once) took {time.monotonic() - stopping:.0f} s, exit status "
+              f"{status}", flush=True)
     return rows
 
 

@@ -221,7 +221,7 @@ class SupervisorProc:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(5)
+                self.proc.wait(30)  # a killed process starved by thousands of exiting ones
         rc = self.proc.returncode
         for pid in tree:
             try:
