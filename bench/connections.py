@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import psutil
@@ -34,6 +35,7 @@ from bench.conn_setup import measure, pct  # noqa: E402
 from bench.relay import SUBSCRIBE  # noqa: E402
 from bench.spawn import UNCAPPED, worker_exits  # noqa: E402
 from protocol.aio import Client  # noqa: E402
+from protocol.client import Encoding, SubscriptionRequest, encode_to_server  # noqa: E402
 from supervisor.fdlimit import raise_nofile_limit  # noqa: E402
 from tests.support import SupervisorProc, free_port  # noqa: E402
 
@@ -60,20 +62,24 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
                       timeout: float) -> None:
     raise_nofile_limit()
     stats = {"connections": 0, "received": 0, "short": 0, "missing": 0, "out_of_order": 0,
-             "closed": 0}
+             "closed": 0, "resumed": 0}
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
-        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        sockets: list[tuple[str, aiohttp.ClientWebSocketResponse]] = []
         sem = asyncio.Semaphore(50)
+
+        async def connect(key: str, after: int | None = None) -> aiohttp.ClientWebSocketResponse:
+            ws = await session.ws_connect(
+                f"{base}/gateway/vm/connect?rvt-method=getOrCreate&rvt-key={key}",
+                protocols=("rivet", "rivet_encoding.cbor"), max_msg_size=0, heartbeat=None)
+            await ws.receive(timeout=120)  # Init
+            await ws.send_bytes(SUBSCRIBE if after is None else cast(bytes, encode_to_server(
+                SubscriptionRequest("sessionEvent", True, after=after), Encoding.CBOR)))
+            return ws
 
         async def open_one(key: str) -> None:
             async with sem:
-                ws = await session.ws_connect(
-                    f"{base}/gateway/vm/connect?rvt-method=getOrCreate&rvt-key={key}",
-                    protocols=("rivet", "rivet_encoding.cbor"), max_msg_size=0, heartbeat=None)
-                await ws.receive(timeout=120)  # Init
-                await ws.send_bytes(SUBSCRIBE)
-                sockets.append(ws)
+                sockets.append((key, await connect(key)))
 
         await asyncio.gather(*(open_one(key) for key in keys for _ in range(per_actor)))
         stats["connections"] = len(sockets)
@@ -82,13 +88,19 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
         last_seq: dict[int, int] = {}
         counts: dict[int, int] = {}
 
-        async def drain(i: int, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async def drain(i: int, key: str, ws: aiohttp.ClientWebSocketResponse) -> None:
             counts[i], last_seq[i] = 0, 0
             while counts[i] < frames:
                 msg = await ws.receive()
                 if msg.type is not aiohttp.WSMsgType.BINARY:
-                    stats["closed"] += 1
-                    return
+                    if ws.close_code != aiohttp.WSCloseCode.TRY_AGAIN_LATER:
+                        stats["closed"] += 1
+                        return
+                    # Disconnected as a slow consumer (its queue passed --conn-queue-bytes):
+                    # it resumes from its cursor, as any client of the protocol does.
+                    stats["resumed"] += 1
+                    ws = await connect(key, after=last_seq[i])
+                    continue
                 seq = frame_seq(msg.data)
                 if seq <= last_seq[i]:
                     stats["out_of_order"] += 1
@@ -96,7 +108,7 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
                 counts[i] += 1
 
         # One deadline for all: whatever has not arrived by then is counted missing.
-        await asyncio.wait([asyncio.create_task(drain(i, ws)) for i, ws in enumerate(sockets)],
+        await asyncio.wait([asyncio.create_task(drain(i, key, ws)) for i, (key, ws) in enumerate(sockets)],
                            timeout=timeout)
         stats["received"] = sum(counts.values())
         stats["short"] = sum(1 for n in counts.values() if n < frames)
@@ -140,7 +152,9 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="actorvisor-bench-") as tmpdir:
         tmp = Path(tmpdir)
         sup = SupervisorProc(tmp / "state", free_port(),
-                             ["--log-level", "warning", *UNCAPPED, *NO_CONNECTION_CAPS], dict(os.environ))
+                             ["--log-level", "warning", *UNCAPPED, *NO_CONNECTION_CAPS,
+                              *(["--conn-queue-bytes", str(args.conn_queue_bytes)]
+                                if args.conn_queue_bytes else [])], dict(os.environ))
         sup.start()
         clients: list[tuple[subprocess.Popen[bytes], Path]] = []
         try:
@@ -222,7 +236,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"frames delivered {total['received'] / delivered_s:,.0f}/s until the clients were done "
           f"({delivered_s:.0f} s after the events started)")
     print(f"events delivered {total['received']:,} of {expected:,}: missing {total['missing']:,} "
-          f"(on {total['short']} connections, {total['closed']} closed by the server), "
+          f"(on {total['short']} connections, {total['closed']} closed by the server; "
+          f"{total['resumed']} slow-consumer disconnects resumed by cursor), "
           f"out of order or repeated {total['out_of_order']}")
     print(f"worker exits: {len(exits)} {', '.join(sorted(set(exits)))}; prompts that failed: "
           f"{len(failed)} {'; '.join(sorted(set(failed)))[:300]}")
@@ -240,6 +255,8 @@ if __name__ == "__main__":
     parser.add_argument("--hold", type=float, default=60, help="seconds the events flow")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--init-conns", type=int, default=200, help="connections per Init measurement")
+    parser.add_argument("--conn-queue-bytes", type=int, default=None,
+                        help="the service's per-connection queue bound (default: its own)")
     parser.add_argument("--drain", type=float, default=None,
                         help="seconds the clients may read after the events start (default: "
                              "2 x hold + 30); a frame not read by then is counted missing")

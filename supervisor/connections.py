@@ -71,6 +71,9 @@ class Connection:
         self._queue: deque[bytes | str] = deque()
         self.queued_bytes = 0
         self._wake = asyncio.Event()
+        # Set while the queue is at most half full: a catch-up waits for it between pages.
+        self._roomy = asyncio.Event()
+        self._roomy.set()
         self._closing: tuple[int, str] | None = None
         self.subs: dict[str, Subscription] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +92,8 @@ class Connection:
         self._queue.append(frame)
         self.queued_bytes += len(frame)
         self._wake.set()
+        if self.queued_bytes > self._max_queue_bytes // 2:
+            self._roomy.clear()
         if self.queued_bytes > self._max_queue_bytes:
             self.log.warning("slow_consumer_disconnected", queued_bytes=self.queued_bytes)
             metrics.SLOW_CONSUMER_DISCONNECTS.inc()
@@ -96,6 +101,13 @@ class Connection:
             self._evictor = asyncio.create_task(self._evict(), name=f"evict-{self.id}")
 
     send_event_frame = send_frame
+
+    async def writable(self) -> None:
+        await self._roomy.wait()
+
+    def _drained(self) -> None:
+        if self.queued_bytes <= self._max_queue_bytes // 2:
+            self._roomy.set()
 
     def report_error(self, code: str, message: str) -> None:
         parsed = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
@@ -109,6 +121,7 @@ class Connection:
                 self._queue.clear()
                 self.queued_bytes = 0
             self._wake.set()
+            self._roomy.set()  # nothing more is queued: a catch-up waiting here goes on to its end
 
     async def _evict(self) -> None:
         """A client that stopped reading: say why if its socket still takes a frame, then cut.
@@ -163,11 +176,13 @@ class Connection:
             while True:
                 while self._queue:
                     if self._write_coalesced():
+                        self._drained()
                         # A scheduling point per batch, as aiohttp's send would give.
                         await asyncio.sleep(0)
                         continue
                     frame = self._queue.popleft()
                     self.queued_bytes -= len(frame)
+                    self._drained()
                     if isinstance(frame, str):
                         await self.ws.send_str(frame)
                     else:

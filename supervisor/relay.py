@@ -82,15 +82,23 @@ class Sink(Protocol):
 
     def report_error(self, code: str, message: str) -> None: ...
 
+    async def writable(self) -> None:
+        """Return once the sink's queue has room for another page of history."""
+        ...
+
 
 class Subscription:
     """One sink's interest in one event name, and the highest seq it has delivered."""
+
+    # Live events held while catching up, at most; past it they are read from the log.
+    MAX_BACKLOG = 10_000
 
     def __init__(self, sink: Sink, name: str, delivered: int) -> None:
         self.sink = sink
         self.name = name
         self.delivered = delivered
-        self._backlog: list[LoggedEvent] | None = None
+        self._backlog: deque[LoggedEvent] | None = None
+        self.overflowed = False
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -101,24 +109,47 @@ class Subscription:
         if event.seq <= self.delivered:
             return
         if self._backlog is not None:
-            self._backlog.append(event)
+            if len(self._backlog) < self.MAX_BACKLOG:
+                self._backlog.append(event)
+            else:
+                self.overflowed = True  # it is in the log: the catch-up reads it there
             return
         self.delivered = event.seq
         self.sink.send_event_frame(event.frame(self.sink.encoding))
 
     def begin_catch_up(self) -> None:
-        self._backlog = []
+        """(Again) hold live events from here on: all before are in the log."""
+        self._backlog = deque()
+        self.overflowed = False
 
-    def deliver_history(self, history: Iterable[LoggedEvent]) -> None:
-        """Deliver events read from the log while live ones keep waiting in the backlog."""
+    async def deliver_history(self, history: Iterable[LoggedEvent]) -> None:
+        """Deliver events read from the log, each once the sink has room for it, while
+        live ones keep waiting in the backlog."""
         for event in history:
             if event.seq > self.delivered:
+                await self.sink.writable()
                 self.delivered = event.seq
                 self.sink.send_event_frame(event.frame(self.sink.encoding))
 
+    async def drain_backlog(self) -> bool:
+        """Deliver the live events held meanwhile, at the sink's pace (more may come while
+        it waits), then go live; False if some were not held (read the log again)."""
+        backlog = self._backlog
+        assert backlog is not None
+        while backlog and not self.overflowed:
+            event = backlog.popleft()
+            if event.seq > self.delivered:
+                await self.sink.writable()
+                self.delivered = event.seq
+                self.sink.send_event_frame(event.frame(self.sink.encoding))
+        if self.overflowed:
+            return False
+        self._backlog = None  # no await since the backlog was last seen empty: nothing missed
+        return True
+
     def end_catch_up(self) -> None:
-        """Then deliver whatever arrived live meanwhile, in order, without repeats."""
-        backlog, self._backlog = self._backlog or [], None
+        """Deliver whatever arrived live meanwhile, in order, without repeats; go live."""
+        backlog, self._backlog = self._backlog or deque(), None
         for event in backlog:
             self.offer(event)
 
@@ -133,6 +164,7 @@ def read_history(db_path: Path, after: int, name: str | None, limit: int,
 
 class ActorRelay:
     HISTORY_PAGE = 2000
+    RING_AT_ONCE = 64
     MARK_EVERY = 0.01
     MARKS_KEPT_FOR = 15.0
 
@@ -270,7 +302,9 @@ class ActorRelay:
         if self.last_seq is not None and after >= self.last_seq:
             return sub
         ring_start = self.ring[0].seq if self.ring else None
-        if ring_start is not None and after >= ring_start - 1:
+        # A few events behind: replayed from the ring at once. Further behind, the replay
+        # is paced by the sink (_catch_up), or it could overflow the queue it resumes into.
+        if ring_start is not None and after >= ring_start - 1 and (self.last_seq or after) - after <= self.RING_AT_ONCE:
             metrics.REPLAYS.labels("ring").inc()
             for event in tuple(self.ring):
                 if event.name == name:
@@ -282,15 +316,21 @@ class ActorRelay:
         return sub
 
     async def _catch_up(self, sub: Subscription) -> None:
-        # Everything published before the subscription was committed before it was
-        # published, so the log holds it; everything after waits in the backlog.
+        """Deliver the log from the cursor a page at a time, each event only once the sink
+        has room for it: a client far behind (one resuming after a slow-consumer
+        disconnect) reads its history at its own pace instead of overflowing its queue
+        again and being cut off forever. Everything published before a page is read was
+        committed before it was published, so the log holds it; what is published after
+        waits in the backlog (bounded: past MAX_BACKLOG it is read from the log instead),
+        and is delivered (at the same pace) once a short page has reached the log's end."""
         try:
             while True:
+                sub.begin_catch_up()
                 page = await asyncio.to_thread(read_history, self.db_path, sub.delivered,
                                                sub.name, self.HISTORY_PAGE)
-                sub.deliver_history(page)
-                if len(page) < self.HISTORY_PAGE:
-                    break
+                await sub.deliver_history(page)
+                if len(page) < self.HISTORY_PAGE and not sub.overflowed and await sub.drain_backlog():
+                    return
         except (sqlite3.Error, OSError, ValueError) as exc:
             log.error("history_read_failed", actor=self.actor_id, error=str(exc))
             sub.sink.report_error("actor.internal_error", f"could not read event history: {exc}")

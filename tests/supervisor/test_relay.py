@@ -7,9 +7,11 @@ import sqlite3
 from pathlib import Path
 
 import cbor2
+import pytest
 
 from protocol.client import Encoding, Event, decode_to_client
-from supervisor.relay import ActorRelay
+from supervisor.relay import ActorRelay, Subscription
+from tests.support import eventually
 
 
 class Sink:
@@ -26,6 +28,9 @@ class Sink:
 
     def report_error(self, code: str, message: str) -> None:
         self.errors.append((code, message))
+
+    async def writable(self) -> None:
+        return None
 
 
 def make_log(path: Path, count: int) -> None:
@@ -88,6 +93,66 @@ async def test_cursor_older_than_ring_reads_the_log_while_live_events_wait(tmp_p
         publish(relay, seq)
     await asyncio.wait_for(sub.task, 10)
     assert sink.seqs == list(range(11, total + 51))
+    assert not sink.errors
+
+
+class NarrowSink(Sink):
+    """A client that reads slowly: room for `room` more frames, given back by the test."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+        self._more = asyncio.Event()
+
+    async def writable(self) -> None:
+        while self.room <= 0:
+            self._more.clear()
+            await self._more.wait()
+
+    def send_event_frame(self, frame: bytes | str) -> None:
+        assert self.room > 0, "a frame was queued past the sink's room"
+        super().send_event_frame(frame)
+        self.room -= 1
+
+    def give(self, frames: int) -> None:
+        self.room += frames
+        self._more.set()
+
+
+def append_logged(db: Path, relay: ActorRelay, seqs: range) -> None:
+    """As a worker does: committed to the log first, then published."""
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT INTO events VALUES (?, 'sessionEvent', NULL, ?, 0)",
+                         [(s, cbor2.dumps({"seq": s})) for s in seqs])
+    for seq in seqs:
+        publish(relay, seq)
+
+
+async def test_a_catch_up_goes_at_its_readers_pace_and_loses_nothing_past_its_backlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client far behind (one resuming after a slow-consumer disconnect) is given its
+    history only as fast as it reads: queueing it all at once overflowed its queue again
+    and cut it off on every resume. Live events meanwhile, more than the backlog holds,
+    are read from the log instead: each seq arrives once, in order."""
+    monkeypatch.setattr(Subscription, "MAX_BACKLOG", 5)
+    db = tmp_path / "events.db"
+    make_log(db, 300)
+    relay = ActorRelay("a", db, ring_size=10)
+    relay.on_worker_hello("epoch-1", 300)
+    relay.HISTORY_PAGE = 40
+    sink = NarrowSink(room=25)
+    sub = relay.subscribe(sink, "sessionEvent", 0)
+    await eventually(lambda: len(sink.seqs) == 25, timeout=5)
+    append_logged(db, relay, range(301, 321))  # 20 live events while it waits: 5 held
+    await asyncio.sleep(0.05)
+    assert len(sink.seqs) == 25 and sub.catching_up
+    for _ in range(40):  # the reader comes back a little at a time
+        sink.give(10)
+        await asyncio.sleep(0.01)
+    assert sub.task is not None
+    await asyncio.wait_for(sub.task, 10)
+    append_logged(db, relay, range(321, 326))  # live again
+    assert sink.seqs == list(range(1, 326))
     assert not sink.errors
 
 
