@@ -176,7 +176,8 @@ async def main(args: argparse.Namespace) -> None:
                 clients.append((subprocess.Popen(
                     [sys.executable, __file__, "--client", sup.url, ",".join(share), str(args.per_actor),
                      str(count + 1), str(ready), str(args.drain or args.hold * 2 + 30)],
-                    stdout=subprocess.PIPE, cwd=ROOT), ready))
+                    stdout=subprocess.PIPE, cwd=ROOT,
+                    preexec_fn=(lambda: os.nice(args.client_nice)) if args.client_nice else None), ready))
             while not all(ready.exists() for _, ready in clients):
                 if any(p.poll() is not None for p, _ in clients) or time.monotonic() - started > 600:
                     raise RuntimeError("bench clients failed to connect")
@@ -224,7 +225,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{total['connections']:,} connections ({args.actors} actors × {args.per_actor}), "
           f"{args.rate:g} events/s per actor for {held_s:.0f} s "
           f"({args.rate * args.actors:,.0f} events/s in, {args.rate * conns:,.0f} frames/s out), "
-          f"{args.client_procs} client processes, load {os.getloadavg()[0]:.1f}")
+          f"{args.client_procs} client processes (nice {args.client_nice}), load {os.getloadavg()[0]:.1f}")
     print(f"supervisor: RSS max {rss_max / 2**20:,.0f} MiB, CPU {cpu:.0f}% of one core over the "
           f"events, open-files limit {limit:,}")
     print(f"Init latency of a new connection, {args.init_conns} connections, 10 in flight (ms)")
@@ -255,6 +256,9 @@ if __name__ == "__main__":
     parser.add_argument("--hold", type=float, default=60, help="seconds the events flow")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--init-conns", type=int, default=200, help="connections per Init measurement")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="niceness of the client processes: with 19 they take only the CPU "
+                             "the service leaves, as clients on other machines would")
     parser.add_argument("--conn-queue-bytes", type=int, default=None,
                         help="the service's per-connection queue bound (default: its own)")
     parser.add_argument("--drain", type=float, default=None,
