@@ -93,11 +93,13 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
             while counts[i] < frames:
                 msg = await ws.receive()
                 if msg.type is not aiohttp.WSMsgType.BINARY:
-                    if ws.close_code != aiohttp.WSCloseCode.TRY_AGAIN_LATER:
+                    if ws.close_code not in (aiohttp.WSCloseCode.TRY_AGAIN_LATER, None, 1006):
                         stats["closed"] += 1
                         return
-                    # Disconnected as a slow consumer (its queue passed --conn-queue-bytes):
-                    # it resumes from its cursor, as any client of the protocol does.
+                    # Disconnected as a slow consumer (its queue passed --conn-queue-bytes:
+                    # close code 1013, or the connection aborted when even the close frame
+                    # found its socket full): it resumes from its cursor, as any client of
+                    # the protocol does.
                     stats["resumed"] += 1
                     ws = await connect(key, after=last_seq[i])
                     continue
