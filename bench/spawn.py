@@ -11,6 +11,7 @@ Then, with the zygote: how many idle actors the machine holds before connection 
 connections per level, the median p99 kept), with the CPU the idle population costs.
 
     .venv/bin/python bench/spawn.py [--actors 50] [--levels 0,500,1000,1500]
+    .venv/bin/python bench/spawn.py --storm 800     (a boot storm: that many started at once)
 """
 
 from __future__ import annotations
@@ -197,7 +198,42 @@ async def capacity(levels: list[int], tmp: Path) -> list[tuple[int, list[float],
     return rows
 
 
+async def storm(count: int, tmp: Path) -> None:
+    """`count` cold actors started at once (a boot storm: every client of a restarted
+    service reconnecting), then every one of them waited for until its VM is ready: how
+    long that takes, and every worker exit the supervisor logged (none is expected: a
+    starved worker is late, not hung)."""
+    sup = SupervisorProc(tmp / "storm", free_port(), ["--log-level", "info", *UNCAPPED], dict(os.environ))
+    sup.start()
+    try:
+        started = time.monotonic()
+        connector = aiohttp.TCPConnector(limit=0)  # all at once: none waits in the client's pool
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def start(i: int) -> None:
+                url = (f"{sup.url}/gateway/vm/action/getRuntimeHealth?rvt-method=getOrCreate"
+                       f"&rvt-key=storm-{i}")
+                async with session.post(url, json={"args": []},
+                                        headers={"x-rivet-encoding": "json"}) as resp:
+                    resp.raise_for_status()
+            await asyncio.gather(*(start(i) for i in range(count)))
+        answered = time.monotonic() - started
+        await wait_all_booted(sup, count)
+        booted = time.monotonic() - started
+        await asyncio.sleep(1.0)
+        late = sup.logs().count("worker_late")
+        exits = worker_exits(sup)
+    finally:
+        sup.stop(timeout=300)
+    print(f"boot storm: {count} cold actors started at once; all answered in {answered:.1f} s, "
+          f"all booted in {booted:.1f} s; {late} starts or links judged late (not hung); "
+          f"worker exits: {', '.join(exits) or 'none'}", flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.storm:
+        with tempfile.TemporaryDirectory(prefix="actorvisor-bench-") as tmpdir:
+            await storm(args.storm, Path(tmpdir))
+        return
     with tempfile.TemporaryDirectory(prefix="actorvisor-bench-") as tmpdir:
         tmp = Path(tmpdir)
         results = {kind: await run_spawner(kind, args.actors, tmp) for kind in ("zygote", "subprocess")}
@@ -234,4 +270,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", type=int, default=50)
     parser.add_argument("--levels", default="0,500,1000,1500")
+    parser.add_argument("--storm", type=int, default=0,
+                        help="instead: start this many cold actors at once and wait for all")
     asyncio.run(main(parser.parse_args()))
