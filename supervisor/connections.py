@@ -49,22 +49,6 @@ CLOSE_GOING_AWAY = "ws.going_away"
 CLOSE_SLOW_CONSUMER = "ws.slow_consumer"
 
 
-_dirty: dict[Connection, None] = {}  # connections that queued frames in this loop pass
-
-
-def _flush_dirty() -> None:
-    dirty = list(_dirty)
-    _dirty.clear()
-    for conn in dirty:
-        conn.flush()
-
-
-def _schedule_flush(conn: Connection) -> None:
-    if not _dirty:
-        asyncio.get_running_loop().call_soon(_flush_dirty)
-    _dirty[conn] = None
-
-
 def error_frame(err: ActorvisorError, action_id: int | None = None) -> ErrorMsg:
     return ErrorMsg(err.code.group, err.code.code, err.message, err.metadata, action_id)
 
@@ -87,7 +71,6 @@ class Connection:
         self._queue: deque[bytes | str] = deque()
         self.queued_bytes = 0
         self._wake = asyncio.Event()
-        self._writer_idle = False  # its writer task waits on _wake, in no send
         # Set while the queue is at most half full: a catch-up waits for it between pages.
         self._roomy = asyncio.Event()
         self._roomy.set()
@@ -108,7 +91,7 @@ class Connection:
             return
         self._queue.append(frame)
         self.queued_bytes += len(frame)
-        _schedule_flush(self)
+        self._wake.set()
         if self.queued_bytes > self._max_queue_bytes // 2:
             self._roomy.clear()
         if self.queued_bytes > self._max_queue_bytes:
@@ -158,22 +141,7 @@ class Connection:
         if transport is not None and not transport.is_closing():
             transport.abort()
 
-    def flush(self) -> None:
-        """Once per loop pass, for each connection that queued frames in it: an idle writer
-        (in no send) has them written here, straight to the socket, coalesced, instead of
-        its task being woken for every batch of events (one task step per subscribed
-        connection per batch). Measured with 500 subscribed connections at 169k frames/s:
-        2.25 µs of supervisor CPU per frame against 2.44 µs. Anything this cannot write (a
-        socket over its high-water mark, compression, a closing connection) wakes the
-        writer, which goes through aiohttp."""
-        if self._writer_idle and self._closing is None:
-            while self._queue and self._write_coalesced(min_frames=1):
-                pass
-            self._drained()
-        if self._queue:
-            self._wake.set()
-
-    def _write_coalesced(self, min_frames: int = 2) -> bool:
+    def _write_coalesced(self) -> bool:
         """Write the queued frames (up to COALESCE_BYTES) to the socket in one go.
 
         Under a burst each frame was one `send()` system call, the supervisor's largest
@@ -182,7 +150,7 @@ class Connection:
         more than one frame, the connection negotiated no compression and the transport
         is below its high-water mark (else aiohttp's own path applies backpressure)."""
         transport = self.transport
-        if (len(self._queue) < min_frames or transport is None or transport.is_closing() or self.ws.compress
+        if (len(self._queue) < 2 or transport is None or transport.is_closing() or self.ws.compress
                 or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]):
             return False
         parts: list[bytes] = []
@@ -224,11 +192,7 @@ class Connection:
                     await self.ws.close(code=code, message=reason.encode())
                     return
                 self._wake.clear()
-                self._writer_idle = True
-                try:
-                    await self._wake.wait()
-                finally:
-                    self._writer_idle = False
+                await self._wake.wait()
         except (ConnectionResetError, RuntimeError) as exc:
             self.log.info("connection_write_failed", error=str(exc))
 
