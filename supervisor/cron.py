@@ -399,8 +399,9 @@ class CronScheduler:
                 heapq.heappop(self._heap)
             delay = None if not self._heap else self._heap[0].when - self._clock()
             if delay is None or delay > 0:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), delay)
+                try:  # asyncio.timeout: wait_for on 3.11 can drop a cancel (vmworker/vm.py)
+                    async with asyncio.timeout(delay):
+                        await self._changed.wait()
                 except TimeoutError:
                     pass
                 continue

@@ -362,12 +362,17 @@ class Vm:
         wait = LIMIT_POLL_S
         while True:
             self._activity.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns the inner result when
+            # a cancel lands just as the event is set, losing the cancel (the VM's stop then
+            # waited forever for this task).
             try:
-                await asyncio.wait_for(self._activity.wait(), wait)
-                await asyncio.sleep(LIMIT_POLL_S)  # at most one read a second however busy
+                async with asyncio.timeout(wait):
+                    await self._activity.wait()
                 woken = True
             except TimeoutError:
                 woken = False
+            if woken:
+                await asyncio.sleep(LIMIT_POLL_S)  # at most one read a second however busy
             counters, now_periods = self._counters()
             for kind, value in counters.items():
                 hits[kind] += max(0, value - seen.get(kind, 0))

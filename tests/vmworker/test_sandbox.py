@@ -339,6 +339,14 @@ async def test_an_idle_vm_s_limits_are_read_ever_less_often_until_work_comes(box
     assert reads[0] - noted < 5, reads[0] - noted
 
 
+async def test_a_vm_stops_right_after_an_action(box: BootedVm) -> None:
+    """The limit watcher is cancelled just as an action wakes it: the stop must not wait
+    for a watcher that lost its cancel (asyncio.wait_for on 3.11 returns the result of
+    an event set at that moment and drops the cancel)."""
+    box.vm.note_activity()
+    await asyncio.wait_for(box.vm.stop(), 15)
+
+
 def _kill(procs: list[psutil.Process]) -> None:
     for proc in procs:
         try:
