@@ -71,7 +71,7 @@ class Connection:
         self._queue: deque[bytes | str] = deque()
         self.queued_bytes = 0
         self._wake = asyncio.Event()
-        # Set while the queue is at most half full: a catch-up waits for it between pages.
+        # Set while the queue is at most half full: a catch-up waits for it before each event.
         self._roomy = asyncio.Event()
         self._roomy.set()
         self._closing: tuple[int, str] | None = None

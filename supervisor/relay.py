@@ -83,7 +83,7 @@ class Sink(Protocol):
     def report_error(self, code: str, message: str) -> None: ...
 
     async def writable(self) -> None:
-        """Return once the sink's queue has room for another page of history."""
+        """Return once the sink's queue has room for another event of history."""
         ...
 
 
@@ -126,10 +126,13 @@ class Subscription:
         """Deliver events read from the log, each once the sink has room for it, while
         live ones keep waiting in the backlog."""
         for event in history:
-            if event.seq > self.delivered:
-                await self.sink.writable()
-                self.delivered = event.seq
-                self.sink.send_event_frame(event.frame(self.sink.encoding))
+            await self._deliver_paced(event)
+
+    async def _deliver_paced(self, event: LoggedEvent) -> None:
+        if event.seq > self.delivered:
+            await self.sink.writable()
+            self.delivered = event.seq
+            self.sink.send_event_frame(event.frame(self.sink.encoding))
 
     async def drain_backlog(self) -> bool:
         """Deliver the live events held meanwhile, at the sink's pace (more may come while
@@ -137,11 +140,7 @@ class Subscription:
         backlog = self._backlog
         assert backlog is not None
         while backlog and not self.overflowed:
-            event = backlog.popleft()
-            if event.seq > self.delivered:
-                await self.sink.writable()
-                self.delivered = event.seq
-                self.sink.send_event_frame(event.frame(self.sink.encoding))
+            await self._deliver_paced(backlog.popleft())
         if self.overflowed:
             return False
         self._backlog = None  # no await since the backlog was last seen empty: nothing missed
