@@ -11,7 +11,11 @@ with their emission time in the worker, received by subscribers in a client proc
 Baseline, in the same run, with the same processes and hops but no sequencing and no
 persistence: a producer process stamps the same frames at the same rate and sends them
 over ZeroMQ (ipc) to a bare aiohttp broadcaster process, which writes each to the K
-subscribers of an identical client process.
+subscribers of an identical client process. A third case is that baseline with the one
+thing persistence adds: the producer commits each event to an event log of its own
+(`vmworker.eventlog`, `synchronous=FULL`) before it sends it. The three run in turn,
+--latency-rounds times, and each figure is over all rounds pooled (a single round's p99
+moves by 2x with the machine's noise); the per-round ratios are printed too.
 
 Clients run in separate processes (--client-procs) so that the server, not the client,
 is what is measured; every case uses the same client code.
@@ -54,6 +58,7 @@ from protocol.client import (  # noqa: E402
     encode_to_server,
 )
 from tests.support import SupervisorProc, free_port  # noqa: E402
+from vmworker.eventlog import EncodedEvent, EventLog, now_ms  # noqa: E402
 
 SUBSCRIBE = cast(bytes, encode_to_server(SubscriptionRequest("sessionEvent", True), Encoding.CBOR))
 
@@ -280,9 +285,11 @@ async def latency(sup: SupervisorProc, subscribers: int, count: int, rate: float
         return await asyncio.to_thread(finish_latency_clients, proc)
 
 
-async def producer_main(endpoint: str, count: int, rate: float) -> None:
+async def producer_main(endpoint: str, count: int, rate: float, db: str) -> None:
     """The baseline's worker: the same session-event frames, stamped and paced as the local
-    agent does it, each sent as one ZeroMQ message; no seq assignment, no SQLite."""
+    agent does it, each sent as one ZeroMQ message; no seq assignment. With `db`, each is
+    first committed there, one transaction per event, as the worker's log commits it."""
+    log = EventLog.open(Path(db)) if db else None
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 5000)
@@ -299,9 +306,13 @@ async def producer_main(endpoint: str, count: int, rate: float) -> None:
         payload = {"sessionId": session_id, "event": {"jsonrpc": "2.0", "method": "session/update",
                                                       "params": {"sessionId": session_id, "update": update}},
                    "seq": i, "epoch": "0" * 16}
+        if log is not None:
+            log.write_encoded([EncodedEvent(i, "sessionEvent", session_id, cbor2.dumps(payload), now_ms())], [])
         await sock.send(encode_to_client(Event("sessionEvent", [payload]), Encoding.CBOR))
     sock.close()
     ctx.term()
+    if log is not None:
+        log.close()
 
 
 async def broadcaster_main(port: int, endpoint: str, subscribers: int) -> None:
@@ -323,8 +334,9 @@ async def broadcaster_main(port: int, endpoint: str, subscribers: int) -> None:
         await runner.cleanup()
 
 
-async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path) -> list[float]:
+async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path, *, persist: bool) -> list[float]:
     port = free_port()
+    db = str(tmp / f"bare-{time.monotonic_ns()}.db") if persist else ""
     endpoint = f"ipc://{tmp}/bare-{time.monotonic_ns()}.ipc"
     broadcaster = subprocess.Popen([sys.executable, __file__, "--broadcaster", str(port), endpoint,
                                     str(subscribers)], stdout=subprocess.PIPE, cwd=ROOT)
@@ -336,7 +348,7 @@ async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path) -> 
                                           subscribers, count, tmp)
         await asyncio.sleep(0.3)
         producer = await asyncio.create_subprocess_exec(sys.executable, __file__, "--producer", endpoint,
-                                                        str(count), str(rate), cwd=ROOT)
+                                                        str(count), str(rate), db, cwd=ROOT)
         delays = await asyncio.to_thread(finish_latency_clients, proc)
         await producer.wait()
         return delays
@@ -376,11 +388,21 @@ async def main(args: argparse.Namespace) -> None:
                 ours, sup_us, worker_us = await full_path(sup, n, args.events, args.client_procs, tmp)
                 bare = await bare_broadcast(frames, n, args.client_procs, tmp)
                 rows.append((n, ours, bare, sup_us, worker_us))
-            lat = await latency(sup, args.latency_subscribers, args.latency_events, args.rate, tmp)
+            cases: tuple[list[float], list[float], list[float]] = ([], [], [])
+            ratios = []
+            for _ in range(args.latency_rounds):
+                ours_round = await latency(sup, args.latency_subscribers, args.latency_events, args.rate, tmp)
+                bare_round = await bare_latency(args.latency_subscribers, args.latency_events, args.rate,
+                                                tmp, persist=False)
+                committed_round = await bare_latency(args.latency_subscribers, args.latency_events,
+                                                     args.rate, tmp, persist=True)
+                for pooled, values in zip(cases, (ours_round, bare_round, committed_round)):
+                    pooled += values
+                ratios.append(pct(ours_round, 0.99) / pct(bare_round, 0.99))
             syncs = fdatasync_times(tmp / "state", 500)
         finally:
             sup.stop()
-        bare_lat = await bare_latency(args.latency_subscribers, args.latency_events, args.rate, tmp)
+    lat, bare_lat, committed_lat = (sorted(values) for values in cases)
 
     size = statistics.mean(len(f) for f in frames)
     print(f"Fan-out of {args.events + 1} session events (~{size:.0f} B CBOR frames), "
@@ -390,12 +412,16 @@ async def main(args: argparse.Namespace) -> None:
     for n, ours, bare, sup_us, worker_us in rows:
         print(f"{n:>12}{ours:>14,.0f}{bare:>14,.0f}{ours / bare:>8.2f}{sup_us:>26.1f}{worker_us:>22.1f}")
     print(f"End-to-end latency (producer emit → subscriber), {args.latency_events} events at "
-          f"{args.rate:g}/s to {args.latency_subscribers} subscribers, ms:")
-    print(f"{'':>36}{'p50':>9}{'p99':>9}{'max':>9}")
+          f"{args.rate:g}/s to {args.latency_subscribers} subscribers, {args.latency_rounds} rounds "
+          f"pooled, ms:")
+    print(f"{'':>40}{'p50':>9}{'p99':>9}{'max':>9}")
     for label, values in (("actorvisor (worker → supervisor)", lat),
-                          ("bare (producer → ZeroMQ → aiohttp)", bare_lat)):
-        print(f"{label:>36}{pct(values, 0.5):>9.2f}{pct(values, 0.99):>9.2f}{values[-1]:>9.2f}")
-    print(f"p99 ratio actorvisor / bare: {pct(lat, 0.99) / pct(bare_lat, 0.99):.2f}")
+                          ("bare (producer → ZeroMQ → aiohttp)", bare_lat),
+                          ("bare + a log commit per event", committed_lat)):
+        print(f"{label:>40}{pct(values, 0.5):>9.2f}{pct(values, 0.99):>9.2f}{values[-1]:>9.2f}")
+    print(f"p99 ratio actorvisor / bare: {pct(lat, 0.99) / pct(bare_lat, 0.99):.2f} "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"bare + commit / bare: {pct(committed_lat, 0.99) / pct(bare_lat, 0.99):.2f}")
     print(f"what the baseline does not do — this disk's fdatasync of a 300 B append (the commit "
           f"each event waits for, and often the one before it): p50 {pct(syncs, 0.5):.2f}, "
           f"p99 {pct(syncs, 0.99):.2f}, max {syncs[-1]:.2f} ms")
@@ -411,7 +437,7 @@ if __name__ == "__main__":
         asyncio.run(latency_client_main(url, conns, frames, ready))
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--producer":
-        asyncio.run(producer_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        asyncio.run(producer_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]))
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--broadcaster":
         try:
@@ -426,4 +452,5 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--latency-events", type=int, default=2000)
     parser.add_argument("--latency-subscribers", type=int, default=10)
+    parser.add_argument("--latency-rounds", type=int, default=3)
     asyncio.run(main(parser.parse_args()))

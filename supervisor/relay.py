@@ -86,6 +86,19 @@ class Sink(Protocol):
         """Return once the sink's queue has room for another event of history."""
         ...
 
+    def spare_bytes(self) -> int:
+        """How many bytes of frames may be queued now, at once, without pacing."""
+        ...
+
+    def owed_room(self) -> int:
+        """How many bytes of live events may be held for the sink before it counts as a
+        consumer that cannot keep up: what is left of its queue's bound."""
+        ...
+
+    def cut_slow(self) -> None:
+        """Disconnect the sink's client as a slow consumer (it resumes by cursor)."""
+        ...
+
 
 class Subscription:
     """One sink's interest in one event name, and the highest seq it has delivered."""
@@ -98,6 +111,7 @@ class Subscription:
         self.name = name
         self.delivered = delivered
         self._backlog: deque[LoggedEvent] | None = None
+        self._held_bytes = 0
         self.overflowed = False
         self.task: asyncio.Task[None] | None = None
 
@@ -109,10 +123,20 @@ class Subscription:
         if event.seq <= self.delivered:
             return
         if self._backlog is not None:
-            if len(self._backlog) < self.MAX_BACKLOG:
-                self._backlog.append(event)
-            else:
-                self.overflowed = True  # it is in the log: the catch-up reads it there
+            if self.overflowed:
+                return  # it is in the log: the catch-up reads it there
+            if len(self._backlog) == self.MAX_BACKLOG:
+                self.overflowed = True
+                return
+            self._backlog.append(event)
+            self._held_bytes += len(event.frame(self.sink.encoding))
+            if self._held_bytes > self.sink.owed_room():
+                # The live stream outgrew the client's bound while it read its history:
+                # it does not keep up, as a full queue would say.
+                self._backlog.clear()
+                self._held_bytes = 0
+                self.overflowed = True
+                self.sink.cut_slow()
             return
         self.delivered = event.seq
         self.sink.send_event_frame(event.frame(self.sink.encoding))
@@ -120,6 +144,7 @@ class Subscription:
     def begin_catch_up(self) -> None:
         """(Again) hold live events from here on: all before are in the log."""
         self._backlog = deque()
+        self._held_bytes = 0
         self.overflowed = False
 
     async def deliver_history(self, history: Iterable[LoggedEvent]) -> None:
@@ -140,7 +165,9 @@ class Subscription:
         backlog = self._backlog
         assert backlog is not None
         while backlog and not self.overflowed:
-            await self._deliver_paced(backlog.popleft())
+            event = backlog.popleft()
+            self._held_bytes -= len(event.frame(self.sink.encoding))
+            await self._deliver_paced(event)
         if self.overflowed:
             return False
         self._backlog = None  # no await since the backlog was last seen empty: nothing missed
@@ -163,7 +190,6 @@ def read_history(db_path: Path, after: int, name: str | None, limit: int,
 
 class ActorRelay:
     HISTORY_PAGE = 2000
-    RING_AT_ONCE = 64
     MARK_EVERY = 0.01
     MARKS_KEPT_FOR = 15.0
 
@@ -300,19 +326,38 @@ class ActorRelay:
         self._subs.setdefault(name, set()).add(sub)
         if self.last_seq is not None and after >= self.last_seq:
             return sub
-        ring_start = self.ring[0].seq if self.ring else None
-        # A few events behind: replayed from the ring at once. Further behind, the replay
+        # Behind by what the ring holds and the sink has room for: replayed at once, so
+        # the history is queued before anything the connection sends next (an action's
+        # reply arrives behind every event relayed before it). Further behind, the replay
         # is paced by the sink (_catch_up), or it could overflow the queue it resumes into.
-        if ring_start is not None and after >= ring_start - 1 and (self.last_seq or after) - after <= self.RING_AT_ONCE:
+        replay = self._ring_since(after, name, sink)
+        if replay is not None:
             metrics.REPLAYS.labels("ring").inc()
-            for event in tuple(self.ring):
-                if event.name == name:
-                    sub.offer(event)
+            for event in replay:
+                sub.offer(event)
             return sub
         metrics.REPLAYS.labels("log").inc()
         sub.begin_catch_up()
         sub.task = asyncio.create_task(self._catch_up(sub), name=f"catch-up-{self.actor_id}")
         return sub
+
+    def _ring_since(self, after: int, name: str, sink: Sink) -> list[LoggedEvent] | None:
+        """The ring's events of `name` after `after`, oldest first, if the ring reaches back
+        that far and their frames fit in the sink's spare room; else None."""
+        if not self.ring or after < self.ring[0].seq - 1:
+            return None
+        room = sink.spare_bytes()
+        replay = []
+        for event in reversed(self.ring):
+            if event.seq <= after:
+                break
+            if event.name == name:
+                room -= len(event.frame(sink.encoding))
+                if room < 0:
+                    return None
+                replay.append(event)
+        replay.reverse()
+        return replay
 
     async def _catch_up(self, sub: Subscription) -> None:
         """Deliver the log from the cursor a page at a time, each event only once the sink

@@ -32,6 +32,15 @@ class Sink:
     async def writable(self) -> None:
         return None
 
+    def spare_bytes(self) -> int:
+        return 1 << 20
+
+    def owed_room(self) -> int:
+        return 1 << 30
+
+    def cut_slow(self) -> None:
+        self.errors.append(("cut", "slow consumer"))
+
 
 def make_log(path: Path, count: int) -> None:
     db = sqlite3.connect(path)
@@ -109,6 +118,9 @@ class NarrowSink(Sink):
             self._more.clear()
             await self._more.wait()
 
+    def spare_bytes(self) -> int:
+        return 0
+
     def send_event_frame(self, frame: bytes | str) -> None:
         assert self.room > 0, "a frame was queued past the sink's room"
         super().send_event_frame(frame)
@@ -154,6 +166,63 @@ async def test_a_catch_up_goes_at_its_readers_pace_and_loses_nothing_past_its_ba
     append_logged(db, relay, range(321, 326))  # live again
     assert sink.seqs == list(range(1, 326))
     assert not sink.errors
+
+
+class TightSink(Sink):
+    """A client with `spare` bytes of room now and `owed` bytes of bound left."""
+
+    def __init__(self, spare: int, owed: int) -> None:
+        super().__init__()
+        self.spare, self.owed = spare, owed
+
+    def spare_bytes(self) -> int:
+        return self.spare
+
+    def owed_room(self) -> int:
+        return self.owed
+
+
+async def test_a_cursor_the_ring_covers_is_replayed_at_once_if_it_fits_however_many_events(
+        tmp_path: Path) -> None:
+    """Replayed before the subscription returns, so anything the connection sends next (an
+    action's reply, the client's barrier) comes behind it: an event count (64) used to send
+    the npm quickstart's grace-window backfill of ~240 small events through the paced
+    catch-up, and replies overtook the live events it held."""
+    relay = ActorRelay("a", tmp_path / "events.db", ring_size=500)
+    relay.on_worker_hello("epoch-1", 0)
+    for seq in range(1, 301):
+        publish(relay, seq)
+    roomy = TightSink(spare=1 << 20, owed=1 << 20)
+    sub = relay.subscribe(roomy, "sessionEvent", 10)
+    assert roomy.seqs == list(range(11, 301)) and not sub.catching_up
+    frame_bytes = sum(len(e.frame(Encoding.CBOR)) for e in relay.ring if e.seq > 10)
+    tight = TightSink(spare=frame_bytes - 1, owed=1 << 20)
+    sub = relay.subscribe(tight, "sessionEvent", 10)
+    assert sub.catching_up and tight.seqs == []  # does not fit: paced through the log
+    relay.unsubscribe(sub)
+
+
+async def test_a_reader_stalled_in_its_catch_up_is_cut_once_the_live_stream_outgrows_its_bound(
+        tmp_path: Path) -> None:
+    """A client that never reads never fills its queue while its history is paced, so the
+    live events held for it count against its bound: past it, it is cut as a full queue
+    would be, and nothing more is held for it."""
+    db = tmp_path / "events.db"
+    make_log(db, 300)
+    relay = ActorRelay("a", db, ring_size=10)
+    relay.on_worker_hello("epoch-1", 300)
+    relay.HISTORY_PAGE = 40
+    sink = NarrowSink(room=5)
+    frame_bytes = len(cbor2.dumps({"seq": 301})) + 40  # a little over one frame
+    sink.owed_room = lambda: 20 * frame_bytes  # type: ignore[method-assign]
+    sub = relay.subscribe(sink, "sessionEvent", 0)
+    await eventually(lambda: len(sink.seqs) == 5, timeout=5)
+    append_logged(db, relay, range(301, 311))
+    assert sink.errors == [] and sub.catching_up
+    append_logged(db, relay, range(311, 400))
+    assert sink.errors == [("cut", "slow consumer")]
+    assert sub.overflowed and sink.seqs == [1, 2, 3, 4, 5]
+    relay.unsubscribe(sub)
 
 
 async def test_unsubscribe_stops_delivery(tmp_path: Path) -> None:

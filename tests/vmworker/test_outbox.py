@@ -163,3 +163,49 @@ async def test_outbox_sends_nothing_of_a_batch_whose_commit_failed(tmp_path: Pat
             await asyncio.wait_for(writer, 10)
     log.close()
     assert [m.seq for m in sent if isinstance(m, WorkerEvent)] == [1]
+
+
+async def test_outbox_commits_on_the_loop_while_commits_are_cheap_and_off_it_after_a_slow_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two thread hops per commit were most of a paced event's latency, so a small batch
+    is committed on the loop's own thread; a slow disk must not stall the loop, so after a
+    commit slower than INLINE_COMMIT_S the next goes to the log's thread. (The outbox's
+    clock is the test's: a commit takes as long as the test says, however loaded the disk.)"""
+    import threading
+    import types
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr("vmworker.outbox.time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class _TimedLog(EventLog):
+        seconds = 0.0
+        threads: list[int] = []
+
+        def write_encoded(self, events: Sequence[EncodedEvent], sessions: Iterable[SessionRow]) -> None:
+            self.threads.append(threading.get_ident())
+            super().write_encoded(events, sessions)
+            clock.now += self.seconds
+
+    log = _TimedLog.open(tmp_path / "events.db")
+    assert isinstance(log, _TimedLog)
+    log.threads = []
+    loop_thread = threading.get_ident()
+    with ThreadPoolExecutor(1) as executor:
+        outbox = Outbox(log, lambda frame: asyncio.sleep(0), executor)
+        writer = asyncio.create_task(outbox.run())
+
+        async def commit_one(seconds: float) -> bool:
+            log.seconds = seconds
+            await outbox.append("e", {})
+            await asyncio.wait_for(outbox.flush(), 10)
+            return log.threads[-1] == loop_thread
+
+        first = await commit_one(0.0005)   # cost unknown yet: on the log's thread
+        cheap = [await commit_one(0.0005) for _ in range(5)]
+        slow = await commit_one(0.05)      # still inline: the one before was cheap
+        after_slow = await commit_one(0.0005)
+        again = await commit_one(0.0005)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    log.close()
+    assert (first, cheap, slow, after_slow, again) == (False, [True] * 5, True, False, True)
