@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import structlog
 import zmq
@@ -31,8 +33,12 @@ from protocol.errors import ProtocolError
 
 log = structlog.get_logger("supervisor.hub")
 
-# Messages handled between two yields to the event loop (a batch frame counts its events).
+# The hub yields to the event loop after this many messages (a batch frame counts its
+# events) or this long, whichever comes first. The count alone let one pass run for 20 s
+# when each event cost milliseconds (5,000 subscribers, 2 cores): no connection was
+# accepted, no writer ran and no timer fired meanwhile (bench/connections.py's Init p99).
 YIELD_EVERY = 256
+YIELD_AFTER_S = 0.005
 
 OnMessage = Callable[[str, wire.WorkerToSupervisor], None]
 # (worker pid, connected): a connection from that process was accepted, or dropped.
@@ -108,13 +114,20 @@ class WorkerHub:
 
     async def _recv_loop(self) -> None:
         handled = 0
+        since = time.perf_counter()
         while True:
-            frames = await self._sock.recv_multipart()
-            if handled >= YIELD_EVERY:
+            # zmq.asyncio's receive is an asyncio.Future, done already when a message waits.
+            receiving = cast("asyncio.Future[list[bytes]]", self._sock.recv_multipart())
+            if not receiving.done():
+                frames = await receiving  # the loop runs meanwhile
+                handled, since = 0, time.perf_counter()
+            else:
                 # zmq.asyncio returns queued frames without yielding: under a flood of
                 # events, let connections, link events and the watchdog run.
-                handled = 0
-                await asyncio.sleep(0)
+                frames = receiving.result()
+                if handled >= YIELD_EVERY or time.perf_counter() - since >= YIELD_AFTER_S:
+                    await asyncio.sleep(0)
+                    handled, since = 0, time.perf_counter()
             if len(frames) != 2:
                 log.warning("worker_frame_malformed", parts=len(frames))
                 continue

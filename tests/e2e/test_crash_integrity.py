@@ -113,6 +113,9 @@ def runs(names: list[str]) -> list[str]:
     return [n for n in names if n in ("vmBooted", "vmShutdown")]
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit
+
+
 class Holders:
     """Samples, in a thread, who holds an actor's worker lock (/proc/locks) and which
     process groups other than our supervisors' have its event log open; records the most of
@@ -146,8 +149,17 @@ class Holders:
         return holders
 
     def _has_open(self, pid: str) -> bool:
+        """The process runs user code and has the log open. A process in its exit (the
+        kernel's PF_EXITING flag, /proc/PID/stat field 9) runs none: its fds close one by
+        one in fd order, the worker lock's (opened first) before the log's, so under load
+        its successor can take the lock and open the log while the dying one's table
+        still lists it. It can write nothing more, so it is no second writer."""
         target = str(self.db)
         try:
+            with open(f"/proc/{pid}/stat") as fh:
+                flags = int(fh.read().rsplit(")", 1)[1].split()[6])
+            if flags & PF_EXITING:
+                return False
             with os.scandir(f"/proc/{pid}/fd") as fds:
                 return any(os.readlink(fd.path) == target for fd in fds)
         except OSError:
