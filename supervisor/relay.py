@@ -13,7 +13,7 @@ reports a log further on than what was relayed), the missing events are read fro
 log and relayed first; everything that arrives meanwhile waits, in order, behind them.
 
 The relay never awaits a worker and never writes to the event log; it reads the log only
-through `vmworker.eventlog.read_events`. Payloads carry their `epoch` as stored.
+through `vmworker.eventlog.read_raw_events`. Payloads carry their `epoch` as stored.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import cbor2
 import structlog
 
 from protocol.client import Encoding, Event, encode_to_client, event_frame_from_cbor
-from vmworker.eventlog import read_events
+from vmworker.eventlog import read_raw_events
 
 from . import metrics
 
@@ -183,9 +183,11 @@ class Subscription:
 def read_history(db_path: Path, after: int, name: str | None, limit: int,
                  upto: int | None = None) -> list[LoggedEvent]:
     """Committed events with seq > after (and <= upto), of one name or all, from a
-    worker's log (blocking: call it in a thread)."""
-    page = read_events(db_path, after, limit, None if name is None else [name], upto)
-    return [LoggedEvent(e.seq, e.name, e.payload) for e in page.events]
+    worker's log (blocking: call it in a thread). Left as the bytes committed, as live
+    events are: thousands of resuming clients' pages of decoded payloads once made a full
+    garbage collection stall the supervisor for 17 s (bench/connections.py)."""
+    rows, log_epoch = read_raw_events(db_path, after, limit, None if name is None else [name], upto)
+    return [LoggedEvent(seq, name, None, raw, log_epoch or "") for seq, name, raw in rows]
 
 
 class ActorRelay:
@@ -280,7 +282,7 @@ class ActorRelay:
                 page = await asyncio.to_thread(read_history, self.db_path, self.last_seq, None,
                                                self.HISTORY_PAGE, upto)
                 for event in page:
-                    self._relay(event.seq, self.epoch or "", event.name, event.payload)
+                    self._relay(event.seq, self.epoch or event.epoch, event.name, None, event.raw)
                 if len(page) < self.HISTORY_PAGE:
                     # Whatever the log lacks below `upto` was compacted away: nothing to relay.
                     self.last_seq = upto

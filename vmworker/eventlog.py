@@ -2,7 +2,7 @@
 
 Owns the schema, the epoch, the stored shape of a payload, and every SQL statement run
 on the log by either process: the worker's writer and reader, and the supervisor's
-read-only reads (`read_events` for replay and gap fills, `session_counts` for
+read-only reads (`read_raw_events` for replay and gap fills, `session_counts` for
 `/admin/workers`) and its one write (`append_for_dead_worker`, a `vmShutdown` the worker
 could not write). It is synchronous on purpose: callers run it in threads, so no event
 loop blocks on the disk. It never assigns `seq` for a living worker (the outbox does, in
@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cbor2
 
@@ -112,6 +112,14 @@ def stored_payload(payload: dict[str, Any], seq: int, epoch: str) -> dict[str, A
     """An event's payload as it is stored, sent live and replayed: with its `seq` and the
     `epoch` of the log it is in, so every reader gets the same map."""
     return {**payload, "seq": seq, "epoch": epoch}
+
+
+class RawEvent(NamedTuple):
+    """A committed event as stored: its payload's CBOR bytes, undecoded."""
+
+    seq: int
+    name: str
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +319,22 @@ class EventReader:
              upto: int | None = None, byte_budget: bool = True) -> Page:
         """Events with seq > after (and <= upto), oldest first, at most `limit` of them
         and, with `byte_budget`, at most MAX_PAGE_BYTES of payload past the first."""
-        sql = "SELECT seq, name, session_id, payload, created_at FROM events WHERE seq > ?"
+        sql, params = self._range("seq, name, session_id, payload, created_at", after, names, upto)
+        return self._page(sql, params, after, limit, byte_budget)
+
+    def read_raw(self, after: int, limit: int, names: Sequence[str] | None = None,
+                 upto: int | None = None) -> tuple[list[RawEvent], str | None]:
+        """`read` without decoding: (seq, name, payload's CBOR bytes) rows, and the log's
+        epoch for rows older than payloads carrying theirs. Bytes are no work for the
+        garbage collector; a page of decoded payloads is a dozen objects per event."""
+        sql, params = self._range("seq, name, payload", after, names, upto)
+        rows = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit]).fetchall()
+        return [RawEvent(*row) for row in rows], self._log_epoch()
+
+    @staticmethod
+    def _range(columns: str, after: int, names: Sequence[str] | None,
+               upto: int | None) -> tuple[str, list[Any]]:
+        sql = f"SELECT {columns} FROM events WHERE seq > ?"
         params: list[Any] = [after]
         if names is not None:
             sql += f" AND name IN ({','.join('?' * len(names))})"
@@ -319,7 +342,7 @@ class EventReader:
         if upto is not None:
             sql += " AND seq <= ?"
             params.append(upto)
-        return self._page(sql, params, after, limit, byte_budget)
+        return sql, params
 
     def read_session(self, session_id: str, name: str, after: int, limit: int) -> Page:
         sql = (
@@ -376,6 +399,18 @@ def read_events(path: Path, after: int, limit: int, names: Sequence[str] | None 
     reader = EventReader(path, read_only=True)
     try:
         return reader.read(after, limit, names, upto, byte_budget=False)
+    finally:
+        reader.close()
+
+
+def read_raw_events(path: Path, after: int, limit: int, names: Sequence[str] | None = None,
+                    upto: int | None = None) -> tuple[list[RawEvent], str | None]:
+    """`read_events` undecoded (`EventReader.read_raw`), for the relay's replays."""
+    if not path.exists():
+        return [], None
+    reader = EventReader(path, read_only=True)
+    try:
+        return reader.read_raw(after, limit, names, upto)
     finally:
         reader.close()
 

@@ -18,6 +18,7 @@ from vmworker.eventlog import (
     append_for_dead_worker,
     log_path,
     read_events,
+    read_raw_events,
     session_counts,
     stored_payload,
 )
@@ -168,6 +169,12 @@ def test_the_supervisor_reads_and_appends_through_the_same_contract(tmp_path: Pa
     assert [e.payload for e in read_events(path, 1, 10, ["vmShutdown"]).events] == [record.payload]
     assert read_events(path, 0, 10, upto=1).events[-1].seq == 1
     assert session_counts(path) == (1, 1)
+    # The relay's undecoded read: the committed bytes, and the epoch for rows without one.
+    assert read_raw_events(log_path(tmp_path / "none"), 0, 10) == ([], None)
+    rows, epoch = read_raw_events(path, 0, 10)
+    assert epoch == log.epoch and [(r.seq, r.name) for r in rows] == [(1, "e"), (2, "vmShutdown")]
+    assert [cbor2.loads(r.payload) for r in rows] == [{"seq": 1}, record.payload]
+    assert read_raw_events(path, 0, 10, ["vmShutdown"], upto=1) == ([], log.epoch)
 
 
 @pytest.mark.parametrize("count", [1, 511, 512, 1537])
