@@ -32,7 +32,7 @@ import cbor2
 import structlog
 
 from protocol.client import Encoding, Event, encode_to_client, event_frame_from_cbor
-from vmworker.eventlog import read_raw_events
+from vmworker.eventlog import RawEvent, read_raw_events
 
 from . import metrics
 
@@ -71,6 +71,19 @@ class LoggedEvent:
                 cached = encode_to_client(Event(self.name, [self.payload]), encoding)
             self._frames[encoding] = cached
         return cached
+
+
+# An event read back from the log for one subscription's catch-up: (seq, name, the
+# payload's committed CBOR). A plain tuple of bytes and atomics, which the garbage
+# collector stops tracking: thousands of resuming clients each holding a page of decoded
+# payloads (or of LoggedEvents) made one full collection stall the supervisor for 17-18 s
+# under 5,000 connections (bench/connections.py). Framed when delivered, once.
+HistoryEvent = RawEvent
+
+
+def history_frame(event: HistoryEvent, epoch: str, encoding: Encoding) -> bytes | str:
+    seq, name, raw = event
+    return LoggedEvent(seq, name, None, raw, epoch).frame(encoding)
 
 
 class Sink(Protocol):
@@ -147,11 +160,14 @@ class Subscription:
         self._held_bytes = 0
         self.overflowed = False
 
-    async def deliver_history(self, history: Iterable[LoggedEvent]) -> None:
+    async def deliver_history(self, history: Iterable[HistoryEvent], epoch: str) -> None:
         """Deliver events read from the log, each once the sink has room for it, while
         live ones keep waiting in the backlog."""
         for event in history:
-            await self._deliver_paced(event)
+            if event[0] > self.delivered:
+                await self.sink.writable()
+                self.delivered = event[0]
+                self.sink.send_event_frame(history_frame(event, epoch, self.sink.encoding))
 
     async def _deliver_paced(self, event: LoggedEvent) -> None:
         if event.seq > self.delivered:
@@ -181,13 +197,12 @@ class Subscription:
 
 
 def read_history(db_path: Path, after: int, name: str | None, limit: int,
-                 upto: int | None = None) -> list[LoggedEvent]:
+                 upto: int | None = None) -> tuple[list[HistoryEvent], str]:
     """Committed events with seq > after (and <= upto), of one name or all, from a
-    worker's log (blocking: call it in a thread). Left as the bytes committed, as live
-    events are: thousands of resuming clients' pages of decoded payloads once made a full
-    garbage collection stall the supervisor for 17 s (bench/connections.py)."""
+    worker's log, and the log's epoch (for rows older than payloads carrying theirs);
+    blocking: call it in a thread."""
     rows, log_epoch = read_raw_events(db_path, after, limit, None if name is None else [name], upto)
-    return [LoggedEvent(seq, name, None, raw, log_epoch or "") for seq, name, raw in rows]
+    return rows, log_epoch or ""
 
 
 class ActorRelay:
@@ -279,10 +294,10 @@ class ActorRelay:
     async def _fill_from_log(self, upto: int) -> None:
         try:
             while self.last_seq is not None and self.last_seq < upto:
-                page = await asyncio.to_thread(read_history, self.db_path, self.last_seq, None,
-                                               self.HISTORY_PAGE, upto)
-                for event in page:
-                    self._relay(event.seq, self.epoch or event.epoch, event.name, None, event.raw)
+                page, epoch = await asyncio.to_thread(read_history, self.db_path, self.last_seq, None,
+                                                      self.HISTORY_PAGE, upto)
+                for seq, name, raw in page:
+                    self._relay(seq, self.epoch or epoch, name, None, raw)
                 if len(page) < self.HISTORY_PAGE:
                     # Whatever the log lacks below `upto` was compacted away: nothing to relay.
                     self.last_seq = upto
@@ -372,9 +387,9 @@ class ActorRelay:
         try:
             while True:
                 sub.begin_catch_up()
-                page = await asyncio.to_thread(read_history, self.db_path, sub.delivered,
-                                               sub.name, self.HISTORY_PAGE)
-                await sub.deliver_history(page)
+                page, epoch = await asyncio.to_thread(read_history, self.db_path, sub.delivered,
+                                                      sub.name, self.HISTORY_PAGE)
+                await sub.deliver_history(page, epoch)
                 if len(page) < self.HISTORY_PAGE and not sub.overflowed and await sub.drain_backlog():
                     return
         except (sqlite3.Error, OSError, ValueError) as exc:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import cbor2
 
@@ -114,12 +114,9 @@ def stored_payload(payload: dict[str, Any], seq: int, epoch: str) -> dict[str, A
     return {**payload, "seq": seq, "epoch": epoch}
 
 
-class RawEvent(NamedTuple):
-    """A committed event as stored: its payload's CBOR bytes, undecoded."""
-
-    seq: int
-    name: str
-    payload: bytes
+# A committed event as stored, undecoded: (seq, name, the payload's CBOR bytes). A plain
+# tuple, as the driver returns it: the garbage collector stops tracking it.
+RawEvent = tuple[int, str, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +325,8 @@ class EventReader:
         epoch for rows older than payloads carrying theirs. Bytes are no work for the
         garbage collector; a page of decoded payloads is a dozen objects per event."""
         sql, params = self._range("seq, name, payload", after, names, upto)
-        rows = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit]).fetchall()
-        return [RawEvent(*row) for row in rows], self._log_epoch()
+        rows: list[RawEvent] = self._conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit]).fetchall()
+        return rows, self._log_epoch()
 
     @staticmethod
     def _range(columns: str, after: int, names: Sequence[str] | None,

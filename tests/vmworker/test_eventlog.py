@@ -172,8 +172,8 @@ def test_the_supervisor_reads_and_appends_through_the_same_contract(tmp_path: Pa
     # The relay's undecoded read: the committed bytes, and the epoch for rows without one.
     assert read_raw_events(log_path(tmp_path / "none"), 0, 10) == ([], None)
     rows, epoch = read_raw_events(path, 0, 10)
-    assert epoch == log.epoch and [(r.seq, r.name) for r in rows] == [(1, "e"), (2, "vmShutdown")]
-    assert [cbor2.loads(r.payload) for r in rows] == [{"seq": 1}, record.payload]
+    assert epoch == log.epoch and [(seq, name) for seq, name, _ in rows] == [(1, "e"), (2, "vmShutdown")]
+    assert [cbor2.loads(raw) for _, _, raw in rows] == [{"seq": 1}, record.payload]
     assert read_raw_events(path, 0, 10, ["vmShutdown"], upto=1) == ([], log.epoch)
 
 
