@@ -62,7 +62,7 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
                       timeout: float) -> None:
     raise_nofile_limit()
     stats = {"connections": 0, "received": 0, "short": 0, "missing": 0, "out_of_order": 0,
-             "closed": 0, "resumed": 0}
+             "closed": 0, "resumed": 0, "resume_retries": 0}
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
         sockets: list[tuple[str, aiohttp.ClientWebSocketResponse]] = []
@@ -101,7 +101,16 @@ async def client_main(base: str, keys: list[str], per_actor: int, frames: int, r
                     # found its socket full): it resumes from its cursor, as any client of
                     # the protocol does.
                     stats["resumed"] += 1
-                    ws = await connect(key, after=last_seq[i])
+                    while True:
+                        try:
+                            ws = await connect(key, after=last_seq[i])
+                            break
+                        except (aiohttp.ClientError, TimeoutError) as exc:
+                            # As a protocol client does: a failed reconnect is tried again
+                            # (else the bench counted its whole stream as missing).
+                            stats["resume_retries"] += 1
+                            print(f"resume of {key} failed, retrying: {exc!r}", file=sys.stderr, flush=True)
+                            await asyncio.sleep(1.0)
                     continue
                 seq = frame_seq(msg.data)
                 if seq <= last_seq[i]:
@@ -240,7 +249,8 @@ async def main(args: argparse.Namespace) -> None:
           f"({delivered_s:.0f} s after the events started)")
     print(f"events delivered {total['received']:,} of {expected:,}: missing {total['missing']:,} "
           f"(on {total['short']} connections, {total['closed']} closed by the server; "
-          f"{total['resumed']} slow-consumer disconnects resumed by cursor), "
+          f"{total['resumed']} slow-consumer disconnects resumed by cursor, "
+          f"{total['resume_retries']} failed reconnects tried again), "
           f"out of order or repeated {total['out_of_order']}")
     print(f"worker exits: {len(exits)} {', '.join(sorted(set(exits)))}; prompts that failed: "
           f"{len(failed)} {'; '.join(sorted(set(failed)))[:300]}")
