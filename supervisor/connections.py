@@ -125,8 +125,8 @@ class Connection:
     def send_frame(self, frame: bytes | str) -> None:
         if self._closing is not None:
             return
-        if (self._writer_idle and not self._queue and self._direct_pass != _passes.current()
-                and self._socket_idle()):
+        if (self._writer_idle and not self._queue and len(frame) <= self._max_queue_bytes
+                and self._direct_pass != _passes.current() and self._socket_idle()):
             # Nothing is queued or in flight and the kernel took everything so far: write
             # it now, as the writer would, without waking its task (a task step per
             # subscribed connection per event, the supervisor's largest cost in a paced
@@ -135,6 +135,7 @@ class Connection:
             # call per frame made a flood of 5,000 subscribers several times slower).
             # What the kernel does not take stays in the transport's buffer, and the next
             # frame then queues: at most one frame per connection is outside the bound.
+            # A frame over the bound alone still queues, and cuts the client, as ever.
             assert self.transport is not None
             self.transport.write(b"".join(_ws_frame(frame)))
             self._direct_pass = _passes.current()
