@@ -183,7 +183,8 @@ class Holders:
 
     def _openers(self) -> dict[int, list[str]]:
         """The process groups with the log open at once: a worker leads its own (a child
-        it forks shares its fds until it execs).
+        it forks shares its fds until it execs, and counts as its parent's even when it
+        starts a session of its own).
 
         One walk of /proc is not a snapshot: a worker that exits early in it and its
         successor found later were never open together. So the pids found are looked at
@@ -197,7 +198,12 @@ class Holders:
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as fh:
                         cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")[:80]
-                    groups.setdefault(os.getpgid(int(pid)), []).append(f"{pid}: {cmdline}")
+                    with open(f"/proc/{pid}/stat") as fh:
+                        ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                    # A child the worker forks into a new session (the sandbox's bwrap:
+                    # start_new_session) shares its fds until it execs: its parent's.
+                    leader = int(pid) if str(ppid) not in found else ppid
+                    groups.setdefault(os.getpgid(leader), []).append(f"{pid} (parent {ppid}): {cmdline}")
                 except OSError:
                     continue
         return groups
