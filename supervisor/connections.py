@@ -138,7 +138,7 @@ class Connection:
             # A frame over the bound alone still queues, and cuts the client, as ever.
             assert self.transport is not None
             self.transport.write(b"".join(_ws_frame(frame)))
-            self._direct_pass = _passes.current()
+            self._direct_pass = _passes.number
             return
         self._queue.append(frame)
         self.queued_bytes += len(frame)

@@ -73,15 +73,12 @@ class LoggedEvent:
         return cached
 
 
-# An event read back from the log for one subscription's catch-up: (seq, name, the
-# payload's committed CBOR). A plain tuple of bytes and atomics, which the garbage
-# collector stops tracking: thousands of resuming clients each holding a page of decoded
-# payloads (or of LoggedEvents) made one full collection stall the supervisor for 17-18 s
-# under 5,000 connections (bench/connections.py). Framed when delivered, once.
-HistoryEvent = RawEvent
-
-
-def history_frame(event: HistoryEvent, epoch: str, encoding: Encoding) -> bytes | str:
+def history_frame(event: RawEvent, epoch: str, encoding: Encoding) -> bytes | str:
+    """The client frame of an event read back from the log for one subscription's
+    catch-up. Pages stay the driver's plain (seq, name, bytes) tuples, which the garbage
+    collector stops tracking, and are framed when delivered, once: pages of decoded
+    payloads held by thousands of resuming clients made full collections stall the
+    supervisor for seconds under 5,000 connections (bench/connections.py)."""
     seq, name, raw = event
     return LoggedEvent(seq, name, None, raw, epoch).frame(encoding)
 
@@ -160,20 +157,17 @@ class Subscription:
         self._held_bytes = 0
         self.overflowed = False
 
-    async def deliver_history(self, history: Iterable[HistoryEvent], epoch: str) -> None:
+    async def deliver_history(self, history: Iterable[RawEvent], epoch: str) -> None:
         """Deliver events read from the log, each once the sink has room for it, while
         live ones keep waiting in the backlog."""
         for event in history:
-            if event[0] > self.delivered:
-                await self.sink.writable()
-                self.delivered = event[0]
-                self.sink.send_event_frame(history_frame(event, epoch, self.sink.encoding))
+            await self._deliver_paced(event[0], lambda: history_frame(event, epoch, self.sink.encoding))
 
-    async def _deliver_paced(self, event: LoggedEvent) -> None:
-        if event.seq > self.delivered:
+    async def _deliver_paced(self, seq: int, frame: Callable[[], bytes | str]) -> None:
+        if seq > self.delivered:
             await self.sink.writable()
-            self.delivered = event.seq
-            self.sink.send_event_frame(event.frame(self.sink.encoding))
+            self.delivered = seq
+            self.sink.send_event_frame(frame())
 
     async def drain_backlog(self) -> bool:
         """Deliver the live events held meanwhile, at the sink's pace (more may come while
@@ -183,7 +177,7 @@ class Subscription:
         while backlog and not self.overflowed:
             event = backlog.popleft()
             self._held_bytes -= len(event.frame(self.sink.encoding))
-            await self._deliver_paced(event)
+            await self._deliver_paced(event.seq, lambda: event.frame(self.sink.encoding))
         if self.overflowed:
             return False
         self._backlog = None  # no await since the backlog was last seen empty: nothing missed
@@ -197,7 +191,7 @@ class Subscription:
 
 
 def read_history(db_path: Path, after: int, name: str | None, limit: int,
-                 upto: int | None = None) -> tuple[list[HistoryEvent], str]:
+                 upto: int | None = None) -> tuple[list[RawEvent], str]:
     """Committed events with seq > after (and <= upto), of one name or all, from a
     worker's log, and the log's epoch (for rows older than payloads carrying theirs);
     blocking: call it in a thread."""

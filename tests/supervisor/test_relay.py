@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -42,14 +44,15 @@ class Sink:
         self.errors.append(("cut", "slow consumer"))
 
 
-def make_log(path: Path, count: int) -> None:
+def make_log(path: Path, count: int,
+             payload: Callable[[int], dict[str, Any]] = lambda seq: {"seq": seq}) -> None:
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
     db.execute("INSERT INTO meta VALUES ('epoch', 'epoch-1')")
     db.execute("CREATE TABLE events(seq INTEGER PRIMARY KEY, name TEXT NOT NULL, session_id TEXT,"
                " payload BLOB NOT NULL, created_at INTEGER NOT NULL)")
     db.executemany("INSERT INTO events VALUES (?, ?, NULL, ?, 0)",
-                   [(s, "sessionEvent", cbor2.dumps({"seq": s})) for s in range(1, count + 1)])
+                   [(s, "sessionEvent", cbor2.dumps(payload(s))) for s in range(1, count + 1)])
     db.commit()
     db.close()
 
@@ -131,6 +134,16 @@ class NarrowSink(Sink):
         self._more.set()
 
 
+def far_behind(tmp_path: Path) -> tuple[Path, ActorRelay]:
+    """A 300-event log, of which a 10-event ring holds the last: a cursor at 0 is paced."""
+    db = tmp_path / "events.db"
+    make_log(db, 300)
+    relay = ActorRelay("a", db, ring_size=10)
+    relay.on_worker_hello("epoch-1", 300)
+    relay.HISTORY_PAGE = 40
+    return db, relay
+
+
 def append_logged(db: Path, relay: ActorRelay, seqs: range) -> None:
     """As a worker does: committed to the log first, then published."""
     with sqlite3.connect(db) as conn:
@@ -147,11 +160,7 @@ async def test_a_catch_up_goes_at_its_readers_pace_and_loses_nothing_past_its_ba
     and cut it off on every resume. Live events meanwhile, more than the backlog holds,
     are read from the log instead: each seq arrives once, in order."""
     monkeypatch.setattr(Subscription, "MAX_BACKLOG", 5)
-    db = tmp_path / "events.db"
-    make_log(db, 300)
-    relay = ActorRelay("a", db, ring_size=10)
-    relay.on_worker_hello("epoch-1", 300)
-    relay.HISTORY_PAGE = 40
+    db, relay = far_behind(tmp_path)
     sink = NarrowSink(room=25)
     sub = relay.subscribe(sink, "sessionEvent", 0)
     await eventually(lambda: len(sink.seqs) == 25, timeout=5)
@@ -207,11 +216,7 @@ async def test_a_reader_stalled_in_its_catch_up_is_cut_once_the_live_stream_outg
     """A client that never reads never fills its queue while its history is paced, so the
     live events held for it count against its bound: past it, it is cut as a full queue
     would be, and nothing more is held for it."""
-    db = tmp_path / "events.db"
-    make_log(db, 300)
-    relay = ActorRelay("a", db, ring_size=10)
-    relay.on_worker_hello("epoch-1", 300)
-    relay.HISTORY_PAGE = 40
+    db, relay = far_behind(tmp_path)
     sink = NarrowSink(room=5)
     frame_bytes = len(cbor2.dumps({"seq": 301})) + 40  # a little over one frame
     sink.owed_room = lambda: 20 * frame_bytes  # type: ignore[method-assign]
@@ -278,15 +283,8 @@ def test_a_history_page_is_kept_as_committed_bytes_not_decoded_objects(tmp_path:
     import gc
 
     db = tmp_path / "events.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
-        conn.execute("INSERT INTO meta VALUES ('epoch', 'epoch-1')")
-        conn.execute("CREATE TABLE events(seq INTEGER PRIMARY KEY, name TEXT NOT NULL, session_id TEXT,"
-                     " payload BLOB NOT NULL, created_at INTEGER NOT NULL)")
-        update = {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "hi"}}
-        conn.executemany("INSERT INTO events VALUES (?, 'sessionEvent', NULL, ?, 0)",
-                         [(s, cbor2.dumps({"sessionId": "s", "event": {"params": {"update": update}},
-                                           "seq": s})) for s in range(1, 2001)])
+    update = {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "hi"}}
+    make_log(db, 2000, lambda seq: {"sessionId": "s", "event": {"params": {"update": update}}, "seq": seq})
     gc.collect()
     before = len(gc.get_objects())
     page, epoch = read_history(db, 0, "sessionEvent", 2000)
