@@ -98,10 +98,15 @@ class Supervisor:
         self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.hub = WorkerHub(self.runtime_dir, self._on_worker_message, self._on_worker_link,
                              ping_interval=config.heartbeat_interval, ping_timeout=config.hang_timeout)
-        self.spawner = spawner or (ZygoteSpawner() if config.spawner == "zygote" else SubprocessSpawner())
+        self.vm_settings = replace(prepare_vms(config), ingress_dir=str(self.runtime_dir / "ingress"))
+        # Workers share one cgroup beside the supervisor's, so that busy workers cannot
+        # starve the process every connection goes through (vmworker/cgroups.py).
+        place = (CgroupRoot.from_arg(self.vm_settings.cgroup_root).enter_workers
+                 if self.vm_settings.cgroup_root is not None else None)
+        self.spawner = spawner or (ZygoteSpawner(place=place) if config.spawner == "zygote"
+                                   else SubprocessSpawner(place=place))
         self.manager = ActorManager(config, self.spawner, self.hub.endpoint, self.hub.send,
                                     self.hub.input_pending)
-        self.vm_settings = replace(prepare_vms(config), ingress_dir=str(self.runtime_dir / "ingress"))
         self.manager.vm_settings = self.vm_settings.to_arg()
         self.gateway = Gateway(self.manager, config)
         self.perimeter = Perimeter(config, Auth.from_config(config.auth_token, config.tokens,

@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -110,11 +111,17 @@ class _SubprocessWorker:
             pass
 
 
+# Called with the pid of each process a spawner starts that will run workers, before it
+# runs any: the supervisor moves it into the workers' cgroup (vmworker/cgroups.py).
+Place = Callable[[int], None]
+
+
 class SubprocessSpawner:
     """Starts each worker as `python -m vmworker`, leader of its own process group."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, place: Place | None = None) -> None:
         self._python = python or sys.executable
+        self._place = place
 
     async def spawn(self, spec: WorkerSpec) -> WorkerProcess:
         limits = dict(spec.limits)
@@ -125,6 +132,8 @@ class SubprocessSpawner:
             cwd=str(ROOT),
             preexec_fn=(lambda: apply_limits(limits)) if limits else None,
         )
+        if self._place is not None:
+            self._place(proc.pid)
         return _SubprocessWorker(proc)
 
     async def close(self) -> None:

@@ -29,7 +29,7 @@ import signal
 import sys
 from typing import Any
 
-from supervisor.spawner import ROOT, WorkerSpec, apply_limits
+from supervisor.spawner import ROOT, Place, WorkerSpec, apply_limits
 
 PR_SET_PDEATHSIG = 1
 
@@ -138,8 +138,9 @@ class _ZygoteWorker:
 class ZygoteSpawner:
     """Forks workers from a warm zygote; starts (or restarts) the zygote when needed."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, place: Place | None = None) -> None:
         self._python = python or sys.executable
+        self._place = place
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -159,6 +160,9 @@ class ZygoteSpawner:
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     start_new_session=True, cwd=str(ROOT),
                 )
+                if self._place is not None:
+                    # Before any spawn request: every worker it forks is born there.
+                    self._place(self._proc.pid)
                 self._reader = asyncio.create_task(self._read(self._proc), name="zygote-reader")
             return self._proc
 
