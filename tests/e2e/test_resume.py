@@ -40,7 +40,10 @@ async def test_random_cuts_during_a_long_stream(supervisor: SupervisorProc) -> N
             received: list[int] = []
             conn.on("sessionEvent", lambda p: received.append(p["seq"]))
             sid = (await direct.action("vm", "cut-stream", "createSession", "local", {}))["sessionId"]
-            turn = asyncio.create_task(direct.action("vm", "cut-stream", "sendPrompt", sid, f"chunks: {STREAM}"))
+            # Paced (2 s): a worker emits 5,000 unpaced chunks in a fraction of a second,
+            # before a few cuts at 5-150 ms apart could land.
+            turn = asyncio.create_task(direct.action("vm", "cut-stream", "sendPrompt", sid,
+                                                     f"chunks: {STREAM} at 2500/s"))
             while not turn.done():
                 await asyncio.sleep(rng.uniform(0.005, 0.15))
                 proxy.cut()
