@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import itertools
 import json
 import os
@@ -40,6 +41,13 @@ def _preload() -> None:
 
     with contextlib.suppress(ImportError):
         import anthropic  # noqa: F401
+
+    # What was preloaded lives as long as every worker forked from here: out of the
+    # collector's reach (the permanent generation, inherited by each fork), a worker's full
+    # collection no longer walks its ~180,000 objects (115 ms measured) nor writes into
+    # their pages, which stay shared with this process instead of being copied into each.
+    gc.collect()
+    gc.freeze()
 
 
 def _child(argv: list[str], limits: dict[str, int]) -> None:
