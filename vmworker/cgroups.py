@@ -10,12 +10,16 @@ moves the VM's init into it before the init runs anything: every process of the 
 born inside, so the limits hold for the VM as a whole, and the kernel's OOM killer picks
 its victim inside the VM.
 
-The workers themselves (and the zygote that forks them) share one more child, `workers`:
-so all workers and VMs together weigh as much as the supervisor in the CPU scheduler.
-Left where the supervisor is, each worker would weigh as much as the supervisor (each
-leads a session, and sessions are scheduled as equals: autogroups, or plain tasks of one
-cgroup under systemd), and 100 busy workers left it 2 % of a core: one garbage collection
-of 0.46 s of CPU took 20 s, and new connections waited as long (bench/connections.py).
+The workers themselves (and the zygote that forks them) share one more child, `workers`,
+and the parent weighs an eighth of the supervisor in the CPU scheduler: when the
+supervisor wants the CPU, all workers and VMs together get a ninth of what is contended.
+Left where the supervisor is, each worker weighed as much as the supervisor (each leads a
+session, and sessions are scheduled as equals: autogroups, or plain tasks of one cgroup
+under systemd): 100 busy workers left it 2 % of a core, a garbage collection of 0.46 s of
+CPU took 20 s, and new connections waited as long (bench/connections.py). Grouped at equal
+weight they still took 1.4-2.3 of the 2 cores while their agents emitted (each event
+wakes a worker, and waking entities preempt a busy one): the supervisor's thread waited
+on the run queue 36.5 s of 39 s. At an eighth it runs 0.65-0.8 of a core meanwhile.
 
 This module never moves a process it did not start and never removes a cgroup that
 still has processes, except the VM's own when the VM ends.
@@ -36,6 +40,11 @@ from typing import Final
 CONTROLLERS: Final = ("memory", "pids", "cpu")
 # The workers' shared cgroup; never an actor's (actor ids are 24 hex digits).
 WORKERS: Final = "workers"
+# CPU weight of all workers and VMs together against the supervisor's, when both want
+# the CPU: the supervisor is one thread (at most a core), so they still get the rest.
+# v1 cpu.shares (the supervisor, a nice-0 task: 1024) and v2 cpu.weight (its leaf: 100).
+PARENT_CPU_SHARES: Final = 1024 // 8
+PARENT_CPU_WEIGHT: Final = 100 // 8
 CPU_PERIOD_US: Final = 100_000
 
 
@@ -140,9 +149,11 @@ class CgroupRoot:
         try:
             if root.version == 2:
                 cls._delegate_v2(Path(root.parents[0][1]))
+                _write(Path(root.parents[0][1]) / "cpu.weight", str(PARENT_CPU_WEIGHT))
             else:
                 for _, parent in root.parents:
                     Path(parent).mkdir(exist_ok=True)
+                _write(Path(dict(root.parents)["cpu"]) / "cpu.shares", str(PARENT_CPU_SHARES))
         except OSError as exc:
             return None, f"cgroups are not writable here ({exc.strerror}: {exc.filename})"
         return root, ""
