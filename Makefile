@@ -29,12 +29,14 @@ sandbox-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; fi
 
-# The operations tests drive `actorvisor top` in tmux and check the unit with systemd-analyze.
+# The operations tests drive `actorvisor top` in tmux, check the unit with systemd-analyze
+# and read the listening socket's backlog with ss.
 ops-deps:
-	@command -v tmux >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
-	  echo "installing tmux and systemd (for systemd-analyze)"; \
+	@command -v tmux >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 && \
+	  command -v ss >/dev/null 2>&1 || { \
+	  echo "installing tmux, systemd (for systemd-analyze) and iproute2 (for ss)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq tmux systemd; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq tmux systemd iproute2; }
 
 $(NPM_STAMP): tests/package.json tests/package-lock.json
 	cd tests && npm ci --no-audit --no-fund --loglevel=error

@@ -86,6 +86,13 @@ def prepare_vms(config: Config) -> VmSettings:
     return settings
 
 
+# Connections the kernel completes for us while the loop has not accepted them yet. At
+# aiohttp's 128, 5,000 clients resuming at once overflowed it: 270 of them were dropped
+# after their handshake and saw the server disconnect (bench/connections.py). The kernel
+# caps it at net.core.somaxconn; the socket unit in deploy/ asks for as many.
+LISTEN_BACKLOG = 4096
+
+
 class Supervisor:
     def __init__(self, config: Config, spawner: Spawner | None = None,
                  notifier: Notifier | None = None) -> None:
@@ -169,7 +176,8 @@ class Supervisor:
             self.port = inherited[0].getsockname()[1]
             site: web.BaseSite = web.SockSite(self._runner, inherited[0])
         else:
-            site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+            site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True,
+                               backlog=LISTEN_BACKLOG)
         self.socket_activated = bool(inherited)
         await site.start()
         self._site = site
