@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import structlog
+
 ROOT = Path(__file__).resolve().parent.parent
 
 _LIMITS = {
@@ -115,6 +117,19 @@ class _SubprocessWorker:
 # runs any: the supervisor moves it into the workers' cgroup (vmworker/cgroups.py).
 Place = Callable[[int], None]
 
+log = structlog.get_logger("supervisor.spawner")
+
+
+async def place_process(place: Place | None, pid: int) -> None:
+    """Run `place` off the event loop (a cgroup move can wait for the kernel's cgroup
+    locks); a process it could not move still runs, only without its CPU weight."""
+    if place is None:
+        return
+    try:
+        await asyncio.to_thread(place, pid)
+    except OSError as exc:
+        log.warning("worker_cgroup_move_failed", pid=pid, error=str(exc))
+
 
 class SubprocessSpawner:
     """Starts each worker as `python -m vmworker`, leader of its own process group."""
@@ -132,8 +147,7 @@ class SubprocessSpawner:
             cwd=str(ROOT),
             preexec_fn=(lambda: apply_limits(limits)) if limits else None,
         )
-        if self._place is not None:
-            self._place(proc.pid)
+        await place_process(self._place, proc.pid)
         return _SubprocessWorker(proc)
 
     async def close(self) -> None:

@@ -30,7 +30,7 @@ import signal
 import sys
 from typing import Any
 
-from supervisor.spawner import ROOT, Place, WorkerSpec, apply_limits
+from supervisor.spawner import ROOT, Place, WorkerSpec, apply_limits, place_process
 
 PR_SET_PDEATHSIG = 1
 
@@ -168,9 +168,8 @@ class ZygoteSpawner:
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     start_new_session=True, cwd=str(ROOT),
                 )
-                if self._place is not None:
-                    # Before any spawn request: every worker it forks is born there.
-                    self._place(self._proc.pid)
+                # Before any spawn request: every worker it forks is born there.
+                await place_process(self._place, self._proc.pid)
                 self._reader = asyncio.create_task(self._read(self._proc), name="zygote-reader")
             return self._proc
 
