@@ -77,7 +77,11 @@ class ConnectionLimiter:
         server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     def _check_head(self, handler: Any, transport: asyncio.Transport) -> None:
-        # A whole request head sets the handler's current request (or counts one served).
+        # A whole request head counts a request as soon as it is parsed (`data_received`
+        # counts it; the current request is set only when the handler's task runs, a pass
+        # later). The loop runs I/O callbacks before due timers, so a head that arrived
+        # while the loop stalled past the deadline is counted here, not timed out
+        # (tests/supervisor/test_limits.py).
         if handler in self._admitted and handler._current_request is None \
                 and handler._request_count == 0 and not transport.is_closing():
             self.timed_out += 1
