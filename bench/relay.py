@@ -15,7 +15,13 @@ subscribers of an identical client process. A third case is that baseline with t
 thing persistence adds: the producer commits each event to an event log of its own
 (`vmworker.eventlog`, `synchronous=FULL`) before it sends it. The three run in turn,
 --latency-rounds times, and each figure is over all rounds pooled (a single round's p99
-moves by 2x with the machine's noise); the per-round ratios are printed too.
+moves by 2x with the machine's noise); the per-round ratios are printed too. Every round
+streams on one long-lived actor (a new session each round) after a round that is not
+counted, and the baseline's log is kept as warm: a fresh log's WAL grows through its
+first cycle, which doubles a commit's p50 on this disk. `--no-warm` takes a new actor and
+a new log each round. Subscribers count only their round's session: a subscription
+without a cursor starts up to a second back (docs/delivery.md, the implicit cursor), so on
+a long-lived actor it first gets the end of the last round.
 
 Clients run in separate processes (--client-procs) so that the server, not the client,
 is what is measured; every case uses the same client code.
@@ -29,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -221,13 +228,18 @@ async def bare_broadcast(frames: list[bytes], subscribers: int, procs: int, tmp:
 
 # ---- latency: subscriber, producer and broadcaster processes ---------------------------
 
+BARE_SESSION = "0" * 32
+
 def stamped_text(i: int, count: int) -> str:
     """The local agent's paced chunk text (vmworker/agents/local.py): the emission time last."""
     return f"chunk {i} of {count} at {time.time():.6f}\n"
 
 
-async def latency_client_main(url: str, conns: int, frames: int, ready_file: str) -> None:
-    """K subscriptions; prints the delay of every stamped chunk received, in ms."""
+async def latency_client_main(url: str, conns: int, frames: int, ready_file: str, session_id: str) -> None:
+    """K subscriptions; prints the delay of every stamped chunk of `session_id` received, in
+    ms. Other sessions' chunks are not counted: a subscription without a cursor may start
+    up to a second before the connection (the implicit cursor, docs/delivery.md), so on an
+    actor that streamed before, it first gets the end of the last round."""
     delays: list[float] = []
     async with aiohttp.ClientSession() as session:
         sockets = []
@@ -245,9 +257,11 @@ async def latency_client_main(url: str, conns: int, frames: int, ready_file: str
                 if msg.type is not aiohttp.WSMsgType.BINARY:
                     raise RuntimeError(f"unexpected frame {msg.type}")
                 # Plain CBOR, not the validating decoder: the client must not be the bottleneck.
-                update = cbor2.loads(msg.data)["body"]["val"]["args"][0]["event"]["params"]["update"]
+                payload = cbor2.loads(msg.data)["body"]["val"]["args"][0]
+                update = payload["event"]["params"]["update"]
                 text = update.get("content", {}).get("text", "")
-                if update["sessionUpdate"] == "agent_message_chunk" and text.startswith("chunk "):
+                if (payload["sessionId"] == session_id and update["sessionUpdate"] == "agent_message_chunk"
+                        and text.startswith("chunk ")):
                     delays.append((time.time() - float(text.rsplit(" at ", 1)[1])) * 1000)
                     got += 1
 
@@ -257,10 +271,11 @@ async def latency_client_main(url: str, conns: int, frames: int, ready_file: str
     print(json.dumps(delays), flush=True)
 
 
-def start_latency_clients(url: str, subscribers: int, frames: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_latency_clients(url: str, subscribers: int, frames: int, tmp: Path,
+                          session_id: str) -> tuple[subprocess.Popen[bytes], Path]:
     ready = tmp / f"ready-latency-{time.monotonic_ns()}"
     proc = subprocess.Popen([sys.executable, __file__, "--latency-client", url, str(subscribers),
-                             str(frames), str(ready)], stdout=subprocess.PIPE, cwd=ROOT)
+                             str(frames), str(ready), session_id], stdout=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -274,12 +289,12 @@ def finish_latency_clients(proc: subprocess.Popen[bytes]) -> list[float]:
     return sorted(json.loads(out.decode().strip().splitlines()[-1]))
 
 
-async def latency(sup: SupervisorProc, subscribers: int, count: int, rate: float, tmp: Path) -> list[float]:
-    key = f"latency-{time.monotonic_ns()}"
+async def latency(sup: SupervisorProc, key: str, subscribers: int, count: int, rate: float,
+                  tmp: Path) -> list[float]:
     async with Client(sup.url) as client:
         sid = (await client.action("vm", key, "createSession", "local", {}))["sessionId"]
         url = f"ws://127.0.0.1:{sup.port}/gateway/vm/connect?rvt-method=getOrCreate&rvt-key={key}"
-        proc, _ = await asyncio.to_thread(start_latency_clients, url, subscribers, count, tmp)
+        proc, _ = await asyncio.to_thread(start_latency_clients, url, subscribers, count, tmp, sid)
         await asyncio.sleep(0.3)  # let every subscription register
         await client.action("vm", key, "sendPrompt", sid, f"chunks: {count} at {rate:g}/s")
         return await asyncio.to_thread(finish_latency_clients, proc)
@@ -290,11 +305,12 @@ async def producer_main(endpoint: str, count: int, rate: float, db: str) -> None
     agent does it, each sent as one ZeroMQ message; no seq assignment. With `db`, each is
     first committed there, one transaction per event, as the worker's log commits it."""
     log = EventLog.open(Path(db)) if db else None
+    base = log.last_seq if log is not None else 0
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 5000)
     sock.connect(endpoint)
-    session_id = "0" * 32
+    session_id = BARE_SESSION
     loop = asyncio.get_running_loop()
     start = loop.time()
     for i in range(1, count + 1):
@@ -305,9 +321,9 @@ async def producer_main(endpoint: str, count: int, rate: float, db: str) -> None
                   "content": {"type": "text", "text": stamped_text(i, count)}}
         payload = {"sessionId": session_id, "event": {"jsonrpc": "2.0", "method": "session/update",
                                                       "params": {"sessionId": session_id, "update": update}},
-                   "seq": i, "epoch": "0" * 16}
+                   "seq": base + i, "epoch": "0" * 16}
         if log is not None:
-            log.write_encoded([EncodedEvent(i, "sessionEvent", session_id, cbor2.dumps(payload), now_ms())], [])
+            log.write_encoded([EncodedEvent(base + i, "sessionEvent", session_id, cbor2.dumps(payload), now_ms())], [])
         await sock.send(encode_to_client(Event("sessionEvent", [payload]), Encoding.CBOR))
     sock.close()
     ctx.term()
@@ -334,9 +350,8 @@ async def broadcaster_main(port: int, endpoint: str, subscribers: int) -> None:
         await runner.cleanup()
 
 
-async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path, *, persist: bool) -> list[float]:
+async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path, db: str) -> list[float]:
     port = free_port()
-    db = str(tmp / f"bare-{time.monotonic_ns()}.db") if persist else ""
     endpoint = f"ipc://{tmp}/bare-{time.monotonic_ns()}.ipc"
     broadcaster = subprocess.Popen([sys.executable, __file__, "--broadcaster", str(port), endpoint,
                                     str(subscribers)], stdout=subprocess.PIPE, cwd=ROOT)
@@ -345,7 +360,7 @@ async def bare_latency(subscribers: int, count: int, rate: float, tmp: Path, *, 
         if broadcaster.stdout.readline().strip() != b"listening":
             raise RuntimeError("the baseline broadcaster did not start")
         proc, _ = await asyncio.to_thread(start_latency_clients, f"ws://127.0.0.1:{port}/ws",
-                                          subscribers, count, tmp)
+                                          subscribers, count, tmp, BARE_SESSION)
         await asyncio.sleep(0.3)
         producer = await asyncio.create_subprocess_exec(sys.executable, __file__, "--producer", endpoint,
                                                         str(count), str(rate), db, cwd=ROOT)
@@ -390,15 +405,32 @@ async def main(args: argparse.Namespace) -> None:
                 rows.append((n, ours, bare, sup_us, worker_us))
             cases: tuple[list[float], list[float], list[float]] = ([], [], [])
             ratios = []
+            key, db = f"latency-{time.monotonic_ns()}", str(tmp / "bare-committed.db")
+            keep: sqlite3.Connection | None = None
+            if args.warm:
+                # Warm: every round on one actor, whose worker keeps its log open, so its WAL
+                # is past its first cycle (a growing WAL doubles a commit's p50 on this
+                # disk). The baseline's log is kept as warm: a connection held open here
+                # keeps its WAL across producers (the last connection to close deletes it).
+                EventLog.open(Path(db)).close()
+                keep = sqlite3.connect(db)
+                keep.execute("SELECT count(*) FROM events").fetchall()
+                await latency(sup, key, args.latency_subscribers, args.latency_events, args.rate, tmp)
+                await bare_latency(args.latency_subscribers, args.latency_events, args.rate, tmp, db)
             for _ in range(args.latency_rounds):
-                ours_round = await latency(sup, args.latency_subscribers, args.latency_events, args.rate, tmp)
+                if not args.warm:
+                    key, db = f"latency-{time.monotonic_ns()}", str(tmp / f"bare-{time.monotonic_ns()}.db")
+                ours_round = await latency(sup, key, args.latency_subscribers, args.latency_events,
+                                           args.rate, tmp)
                 bare_round = await bare_latency(args.latency_subscribers, args.latency_events, args.rate,
-                                                tmp, persist=False)
+                                                tmp, "")
                 committed_round = await bare_latency(args.latency_subscribers, args.latency_events,
-                                                     args.rate, tmp, persist=True)
+                                                     args.rate, tmp, db)
                 for pooled, values in zip(cases, (ours_round, bare_round, committed_round)):
                     pooled += values
                 ratios.append(pct(ours_round, 0.99) / pct(bare_round, 0.99))
+            if keep is not None:
+                keep.close()
             syncs = fdatasync_times(tmp / "state", 500)
         finally:
             sup.stop()
@@ -434,7 +466,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--latency-client":
         url, conns, frames, ready = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-        asyncio.run(latency_client_main(url, conns, frames, ready))
+        asyncio.run(latency_client_main(url, conns, frames, ready, sys.argv[6]))
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--producer":
         asyncio.run(producer_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]))
@@ -453,4 +485,7 @@ if __name__ == "__main__":
     parser.add_argument("--latency-events", type=int, default=2000)
     parser.add_argument("--latency-subscribers", type=int, default=10)
     parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure a long-lived actor: one actor for every latency round, "
+                             "after a round that is not counted (--no-warm: a new actor each round)")
     asyncio.run(main(parser.parse_args()))
