@@ -41,8 +41,51 @@ fi
 command -v node >/dev/null || die "node is needed for the quickstart (make test-systemd installs its npm deps)"
 systemd-nspawn --version | head -1
 
+# On a cgroup v1 host nspawn mounts the memory, pids and cpu hierarchies read-only in the
+# container, so the unit's Delegate=yes cannot hand them to the service as a v1 host's
+# systemd does, and the service refuses to run VMs without their limits. They are made
+# writable in the container's mounts as soon as it starts (the container's root is this
+# process's own cgroup in each), and every cgroup the container made in them is removed
+# afterwards. A v2 host delegates through nspawn as it is.
+own_cgroup() { awk -F: -v c="$1" '{ n = split($2, a, ","); for (i = 1; i <= n; i++) if (a[i] == c) print $3 }' /proc/self/cgroup; }
+CG_DIRS=()   # made writable in the container
+CG_SEEN=()   # where the container makes cgroups (also nspawn's own "payload")
+if [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ]; then
+  for controller in memory pids cpu; do
+    CG_DIRS+=("$(readlink -f "/sys/fs/cgroup/$controller")$(own_cgroup "$controller" | sed 's:/$::')")
+  done
+  CG_SEEN=("${CG_DIRS[@]}")
+  [ -d /sys/fs/cgroup/systemd ] && CG_SEEN+=("/sys/fs/cgroup/systemd$(own_cgroup name=systemd | sed 's:/$::')")
+  [ -d /sys/fs/cgroup/unified ] && CG_SEEN+=("/sys/fs/cgroup/unified$(awk -F: '$1 == "0" {print $3}' /proc/self/cgroup | sed 's:/$::')")
+fi
+cgroups_made() { for d in "${CG_SEEN[@]}"; do find "$d" -mindepth 1 -depth -type d; done; }
+# Taken before nspawn first runs: it makes cgroups of its own ("payload", "supervisor").
+CG_BEFORE=$(cgroups_made)
+cleanup() {
+  set +e
+  if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
+    kill -TERM "$NSPAWN_PID" 2>/dev/null || true   # nspawn powers the container off
+    for _ in $(seq 100); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$NSPAWN_PID" 2>/dev/null || true
+  fi
+  # The container's cgroups (its systemd's slices, the service's), deepest first.
+  # A cgroup stays busy for a moment after its last process died: try again for 2 s.
+  for _ in $(seq 20); do
+    left=$(cgroups_made | grep -vxF -e "$CG_BEFORE" -e "")
+    [ -n "$left" ] || break
+    while read -r dir; do rmdir "$dir" 2>/dev/null; done <<<"$left"
+    sleep 0.1
+  done
+  return 0
+}
+trap cleanup EXIT
+
 step "Debian tree ($SUITE) in $ROOTFS"
-if [ ! -e "$ROOTFS/.actorvisor-tree" ]; then
+# The container's own packages, then what docs/systemd.md installs (a C compiler for the
+# VM's init, mkfs for its disk image, libseccomp for its filter). A cached tree made with
+# another list is made again.
+PACKAGES=systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,procps,bubblewrap,gcc,libc6-dev,e2fsprogs,libseccomp2
+if [ "$(cat "$ROOTFS/.actorvisor-tree" 2>/dev/null)" != "$PACKAGES" ]; then
   # The host's own Debian mirror, so that no address is written down here.
   mirror=${ACTORVISOR_DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
   [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
@@ -50,13 +93,13 @@ if [ ! -e "$ROOTFS/.actorvisor-tree" ]; then
   rm -rf "$ROOTFS.tmp"
   mkdir -p "$WORK"
   debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,python3-venv,bubblewrap,ca-certificates,procps \
+    --include="$PACKAGES" \
     "$SUITE" "$ROOTFS.tmp" "$mirror" > "$WORK/debootstrap.log" 2>&1 \
     || { tail -20 "$WORK/debootstrap.log"; die "debootstrap failed"; }
   echo actorvisor-test > "$ROOTFS.tmp/etc/hostname"
   # No login prompt on the console we log.
   ln -sf /dev/null "$ROOTFS.tmp/etc/systemd/system/console-getty.service"
-  touch "$ROOTFS.tmp/.actorvisor-tree"
+  echo "$PACKAGES" > "$ROOTFS.tmp/.actorvisor-tree"
   rm -rf "$ROOTFS"
   mv "$ROOTFS.tmp" "$ROOTFS"
 fi
@@ -98,14 +141,6 @@ rm -rf "$ROOTFS/var/lib/actorvisor" "$ROOTFS/var/lib/private/actorvisor"
 echo "installed: $(systemd-nspawn -q --keep-unit --register=no -D "$ROOTFS" --pipe /opt/actorvisor/bin/pip list 2>/dev/null | grep -i '^actorvisor')"
 
 step "boot"
-cleanup() {
-  if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
-    kill -TERM "$NSPAWN_PID" 2>/dev/null || true   # nspawn powers the container off
-    for _ in $(seq 100); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$NSPAWN_PID" 2>/dev/null || true
-  fi
-}
-trap cleanup EXIT
 # bwrap --disable-userns writes /proc/sys/user/max_user_namespaces inside each VM's user
 # namespace; nspawn mounts /proc/sys read-only unless told otherwise. (On a host, the
 # unit leaves /proc/sys alone: see "Deliberately not set" in the unit.)
@@ -121,6 +156,17 @@ for _ in $(seq 100); do
 done
 [ -n "$INIT" ] || { cat "$WORK/console.log"; die "the container did not start"; }
 in_ct() { nsenter -t "$INIT" -a -- "$@"; }
+if ((${#CG_DIRS[@]})); then
+  for _ in $(seq 50); do in_ct mountpoint -q /sys/fs/cgroup/pids && break; sleep 0.05; done
+  for controller in memory pids cpu; do in_ct mount -o remount,bind,rw "/sys/fs/cgroup/$controller"; done
+fi
+# The VMs' disks are loop-mounted (the unit's DeviceAllow=); nspawn's /dev has no loop
+# devices, so the container gets the host's, as a host's /dev has them.
+for dev in /dev/loop-control /dev/loop[0-9]*; do
+  if [ -b "$dev" ]; then stat -c '%n b %t %T' "$dev"; elif [ -c "$dev" ]; then stat -c '%n c %t %T' "$dev"; fi
+done | in_ct sh -c 'while read -r name type major minor; do
+  [ -e "$name" ] || mknod -m 0660 "$name" "$type" "$((0x$major))" "$((0x$minor))"
+done'
 state=
 for _ in $(seq 300); do
   state=$(in_ct systemctl is-system-running 2>/dev/null || true)
@@ -135,6 +181,7 @@ for _ in $(seq 150); do [ "$(prop ActiveState)" = active ] && break; sleep 0.2; 
 in_ct systemctl --no-pager status actorvisor | head -12 || true
 check "Type=notify" [ "$(prop Type)" = notify ]
 check "active (running)" [ "$(prop ActiveState)/$(prop SubState)" = active/running ]
+[ "$(prop ActiveState)" = active ] || in_ct journalctl -u actorvisor -o cat --no-pager -n 30 || true
 check "runs as root with a bounded capability set" [ "$(prop User)" = root ] && [ -n "$(prop CapabilityBoundingSet)" ]
 check "STATUS= is the one-line summary" grep -q '^actors: none; connections: 0' <<<"$(prop StatusText)"
 check "it listens on the socket actorvisor.socket holds (socket activation)" \
