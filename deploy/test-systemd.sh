@@ -232,6 +232,30 @@ print(f"  supervisor pid {snap['supervisor']['pid']}, worker pid {actor['pid']},
 sys.exit(0 if snap["processFigures"] and p["pid"] == actor["pid"] and p["rssBytes"] > 0 else 1)
 EOF
 
+step "cgroups: the workers share one cgroup beside the VMs', weighing an eighth of the supervisor"
+PIDS=$("$PYTHON" -c 'import json, sys; s = json.load(open(sys.argv[1])); a = next(a for a in s["actors"] if a["key"] == "systemd-quickstart"); print(s["supervisor"]["pid"], a["pid"])' "$WORK/top.json" 2>/dev/null || true)
+check "the worker is in <service>/actorvisor-*/workers, the supervisor is not, the parent weighs an eighth" \
+  in_ct python3 - $PIDS <<'EOF'
+import sys
+from pathlib import Path
+
+def cpu_dir(pid: str) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
+    return Path("/sys/fs/cgroup") / path.lstrip("/")  # v2: the one "0::" line
+
+supervisor, worker = sys.argv[1], sys.argv[2]
+workers, own = cpu_dir(worker), cpu_dir(supervisor)
+parent = workers.parent
+weight = parent / "cpu.shares" if (parent / "cpu.shares").exists() else parent / "cpu.weight"
+print(f"  supervisor in {own}, worker in {workers}, {weight.name} {weight.read_text().strip()}")
+sys.exit(0 if workers.name == "workers" and parent.name.startswith("actorvisor-")
+         and parent not in own.parents and own != parent
+         and weight.read_text().strip() in ("128", "12") else 1)
+EOF
+
 step "journald: JSON lines with priorities"
 in_ct journalctl -u actorvisor -o cat --no-pager | grep '"event"' | tail -3 || true
 check "the journal holds the supervisor's and workers' JSON lines" \
