@@ -5,7 +5,8 @@
 # installs actorvisor there exactly as docs/systemd.md says (venv in /opt/actorvisor, the
 # the unit), then checks what an operator relies on: the unit reaches
 # `active` through READY=1, STATUS= follows a VM booting, the unmodified RivetKit
-# quickstart runs against it, `actorvisor top` sees the workers, journald gets levels,
+# quickstart runs against it, `actorvisor top` sees the workers, they share one cgroup weighing an eighth of the
+# supervisor, journald gets levels,
 # a frozen event loop is caught by the watchdog and the service restarted, and
 # `systemctl stop` drains within TimeoutStopSec. Opt-in: needs root, and downloads
 # Debian packages the first time. Prints PASS/FAIL per check; exits non-zero on any FAIL.
