@@ -2,14 +2,14 @@
 # `make test-systemd`: deploy/actorvisor.service under a real systemd.
 #
 # Boots a Debian tree (debootstrap, cached in $ACTORVISOR_NSPAWN_DIR) with systemd-nspawn,
-# installs actorvisor there exactly as docs/systemd.md says (venv in /opt/actorvisor, the
-# the unit), then checks what an operator relies on: the unit reaches
-# `active` through READY=1, STATUS= follows a VM booting, the unmodified RivetKit
-# quickstart runs against it, `actorvisor top` sees the workers, they share one cgroup weighing an eighth of the
-# supervisor, journald gets levels,
-# a frozen event loop is caught by the watchdog and the service restarted, and
-# `systemctl stop` drains within TimeoutStopSec. Opt-in: needs root, and downloads
-# Debian packages the first time. Prints PASS/FAIL per check; exits non-zero on any FAIL.
+# installs actorvisor there exactly as docs/systemd.md says (venv in /opt/actorvisor, then
+# the unit), then checks what an operator relies on: the unit reaches `active` through
+# READY=1, STATUS= follows a VM booting, the unmodified RivetKit quickstart runs against
+# it, `actorvisor top` sees the workers, the workers share one cgroup weighing an eighth
+# of the supervisor, journald gets levels, a frozen event loop is caught by the watchdog
+# and the service restarted, and `systemctl stop` drains within TimeoutStopSec. Opt-in:
+# needs root, and downloads Debian packages the first time. Prints PASS/FAIL per check;
+# exits non-zero on any FAIL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
