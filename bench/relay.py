@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from protocol.client import (  # noqa: E402
     encode_to_server,
 )
 from tests.support import SupervisorProc, free_port  # noqa: E402
-from vmworker.eventlog import EncodedEvent, EventLog, now_ms  # noqa: E402
+from vmworker.eventlog import EncodedEvent, EventLog, EventReader, now_ms  # noqa: E402
 
 SUBSCRIBE = cast(bytes, encode_to_server(SubscriptionRequest("sessionEvent", True), Encoding.CBOR))
 
@@ -406,15 +405,15 @@ async def main(args: argparse.Namespace) -> None:
             cases: tuple[list[float], list[float], list[float]] = ([], [], [])
             ratios = []
             key, db = f"latency-{time.monotonic_ns()}", str(tmp / "bare-committed.db")
-            keep: sqlite3.Connection | None = None
+            keep: EventReader | None = None
             if args.warm:
                 # Warm: every round on one actor, whose worker keeps its log open, so its WAL
                 # is past its first cycle (a growing WAL doubles a commit's p50 on this
                 # disk). The baseline's log is kept as warm: a connection held open here
                 # keeps its WAL across producers (the last connection to close deletes it).
                 EventLog.open(Path(db)).close()
-                keep = sqlite3.connect(db)
-                keep.execute("SELECT count(*) FROM events").fetchall()
+                keep = EventReader(Path(db))
+                keep.read(0, 1)  # a read opens the WAL, and from then on this keeps it
                 await latency(sup, key, args.latency_subscribers, args.latency_events, args.rate, tmp)
                 await bare_latency(args.latency_subscribers, args.latency_events, args.rate, tmp, db)
             for _ in range(args.latency_rounds):
