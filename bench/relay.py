@@ -229,6 +229,7 @@ async def bare_broadcast(frames: list[bytes], subscribers: int, procs: int, tmp:
 
 BARE_SESSION = "0" * 32
 
+
 def stamped_text(i: int, count: int) -> str:
     """The local agent's paced chunk text (vmworker/agents/local.py): the emission time last."""
     return f"chunk {i} of {count} at {time.time():.6f}\n"
@@ -394,6 +395,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="actorvisor-bench-") as tmpdir:
         tmp = Path(tmpdir)
         sup = SupervisorProc(tmp / "state", free_port(), ["--log-level", "warning"], dict(os.environ))
+        keep: EventReader | None = None
         sup.start()
         try:
             frames = await capture_frames(sup, args.events)
@@ -405,7 +407,6 @@ async def main(args: argparse.Namespace) -> None:
             cases: tuple[list[float], list[float], list[float]] = ([], [], [])
             ratios = []
             key, db = f"latency-{time.monotonic_ns()}", str(tmp / "bare-committed.db")
-            keep: EventReader | None = None
             if args.warm:
                 # Warm: every round on one actor, whose worker keeps its log open, so its WAL
                 # is past its first cycle (a growing WAL doubles a commit's p50 on this
@@ -428,10 +429,10 @@ async def main(args: argparse.Namespace) -> None:
                 for pooled, values in zip(cases, (ours_round, bare_round, committed_round)):
                     pooled += values
                 ratios.append(pct(ours_round, 0.99) / pct(bare_round, 0.99))
-            if keep is not None:
-                keep.close()
             syncs = fdatasync_times(tmp / "state", 500)
         finally:
+            if keep is not None:
+                keep.close()
             sup.stop()
     lat, bare_lat, committed_lat = (sorted(values) for values in cases)
 
